@@ -1,0 +1,375 @@
+"""One continual run, start to finish: the loop every method shares.
+
+``run_continual`` evaluates the model before any training (row 0 of the accuracy matrix),
+then for each task trains it (optimizer, schedule, mixed precision and clipping from the
+run spec), lets the method do its end-of-task work, and evaluates every task of the
+benchmark. After every row it calls ``on_task_end`` with the row and a state that resumes
+the run exactly from that point. It knows nothing of Ray: the same function runs in a
+test, in a notebook or inside a Tune trial.
+
+Reproducibility: every random stream (torch's global generator, the data order, the
+method's generator) is reseeded from (seed, task index) at the start of each task, so a
+run resumed from a task boundary produces the same numbers as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from mmcl.spec import RunSpec
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run cannot continue meaningfully."""
+
+
+@dataclass
+class TaskEnd:
+    """What ``on_task_end`` receives after each row of the accuracy matrix."""
+
+    step: int  # 0 = before training, s = after training the s-th task
+    trained_task: str | None
+    task_names: list[str]  # training order (= column order of ``matrix``)
+    row: dict[str, float]  # eval task name -> score (percent)
+    metric_names: dict[str, str]
+    n_samples: dict[str, int]
+    matrix: np.ndarray  # rows 0..step, one column per task in training order
+    metrics: dict[str, float]  # running Avg / Last / Transfer / BWT ... on ``matrix``
+    curves: list[dict[str, Any]]  # per-logged-step losses of this task
+    state: dict[str, Any]  # pass back as ``resume=`` to continue from here
+    trainable_params: int
+    peak_memory_mb: float
+    task_wall_time_s: float
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.task_names)
+
+    @property
+    def done(self) -> bool:
+        return self.step == self.n_tasks
+
+
+@dataclass
+class ContinualResult:
+    task_names: list[str]
+    matrix: np.ndarray
+    metrics: dict[str, float]
+    curves: list[dict[str, Any]] = field(default_factory=list)
+    trainable_params: int = 0
+    peak_memory_mb: float = 0.0
+    wall_time_s: float = 0.0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A stable 63-bit seed from a base seed and labels (no Python hash randomisation)."""
+    h = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def _reseed(seed: int, task: int) -> None:
+    s = derive_seed(seed, "task", task)
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % (2**32))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device is 'cuda' but no CUDA device is visible to this process")
+    return torch.device(name)
+
+
+def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    if mode == "off":
+        return None
+    if mode == "auto":
+        if device.type != "cuda":
+            return None  # CPU autocast is slower than fp32 for these models
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class _TaskTagged(Dataset):
+    """Adds the task's position to every sample so mixed-task batches stay scorable."""
+
+    def __init__(self, base: Dataset, task: int):
+        self.base, self.task = base, task
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.base[i], "task": self.task}
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _lr_lambda(total: int, warmup: int, schedule: str, min_ratio: float) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _make_optimizer(params: list[torch.nn.Parameter], run: RunSpec) -> torch.optim.Optimizer:
+    tr = run.training
+    if tr.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=tr.lr, momentum=tr.momentum, weight_decay=tr.weight_decay)
+    return torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(method, tasks, run: RunSpec, device: torch.device, amp_dtype) -> tuple[dict, dict, dict]:
+    """Score the method on every task's test split; returns (scores, metric names, sizes)."""
+    ev = run.evaluation
+    scores, names, sizes = {}, {}, {}
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    for task in tasks:
+        data = task.test
+        if ev.max_samples and len(data) > ev.max_samples:
+            # A fixed subset, the same for every trial and every row.
+            g = torch.Generator().manual_seed(0)
+            data = Subset(data, torch.randperm(len(data), generator=g)[: ev.max_samples].tolist())
+        correct = total = 0
+        for batch in DataLoader(data, batch_size=ev.batch_size, shuffle=False):
+            batch = _to_device(batch, device)
+            with autocast:
+                logits = method.predict(batch, task)
+            correct += int((logits.argmax(-1) == batch["label"]).sum())
+            total += len(batch["label"])
+        if task.metric != "top1":
+            raise ValueError(f"task {task.name}: metric {task.metric!r} is not supported by this engine")
+        scores[task.name] = 100.0 * correct / max(total, 1)
+        names[task.name] = task.metric
+        sizes[task.name] = total
+    return scores, names, sizes
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def run_continual(
+    run: RunSpec,
+    on_task_end: Callable[[TaskEnd], None] | None = None,
+    resume: dict[str, Any] | None = None,
+) -> ContinualResult:
+    """Run (or continue) one continual sequence and return its accuracy matrix.
+
+    ``resume`` is a ``TaskEnd.state`` from an earlier call with the same ``run``.
+    """
+    from analysis.metrics import matrix_metrics
+    from cl_methods import build_method
+    from cl_methods.base import MethodContext
+    from mmcl.backbones import load_backbone
+    from mmcl.data import build_benchmark
+
+    t_start = time.perf_counter()
+    if run.torch_threads:
+        torch.set_num_threads(run.torch_threads)
+    device = resolve_device(run.device)
+    amp_dtype = _amp_dtype(run.training.amp, device)
+    torch.manual_seed(run.seed)
+
+    backbone = load_backbone(run.backbone, device)
+    bench = build_benchmark(run.benchmark, image_size=backbone.image_size, preprocess=backbone.preprocess)
+    tasks = bench.tasks
+    names = [t.name for t in tasks]
+    train_sets = [_TaskTagged(t.train, i) for i, t in enumerate(tasks)]
+    method_gen = torch.Generator()
+    ctx = MethodContext(
+        tasks=tasks, train_sets=train_sets, device=device, generator=method_gen, templates=run.evaluation.templates
+    )
+    method = build_method(run.method.name, run.method.config)
+    method.setup(backbone, run, ctx)
+    method.modules.to(device)
+
+    rows: list[list[float]] = []
+    sizes: dict[str, int] = {}
+    opt_state = None
+    start = 0
+    if resume is not None:
+        if resume.get("version") != STATE_VERSION or resume.get("task_names") != names:
+            raise ValueError("resume state does not belong to this run (task order or version differ)")
+        method.load_state_dict(resume["method"])
+        method.modules.to(device)
+        rows = [list(r) for r in resume["matrix"]]
+        sizes = dict(resume["n_samples"])
+        opt_state = resume.get("optimizer")
+        start = resume["completed"]
+
+    all_curves: list[dict[str, Any]] = []
+    trainable = 0
+    optimizer = None
+
+    def emit(step: int, t0: float, curves: list[dict]) -> None:
+        state = {
+            "version": STATE_VERSION,
+            "task_names": names,
+            "completed": step,
+            "matrix": [list(r) for r in rows],
+            "n_samples": sizes,
+            "method": method.state_dict(),
+            "optimizer": optimizer.state_dict() if (optimizer is not None and not run.training.reset_optimizer) else None,
+            "rng": {"torch": torch.get_rng_state(), "method": method_gen.get_state()},
+        }
+        if on_task_end is None:
+            return
+        mat = np.asarray(rows, dtype=float)
+        on_task_end(
+            TaskEnd(
+                step=step,
+                trained_task=names[step - 1] if step else None,
+                task_names=names,
+                row=dict(zip(names, rows[-1])),
+                metric_names=metric_names,
+                n_samples=dict(sizes),
+                matrix=mat,
+                metrics=matrix_metrics(mat, zero_shot=True, n_samples=np.array([sizes[n] for n in names])),
+                curves=curves,
+                state=state,
+                trainable_params=trainable,
+                peak_memory_mb=_peak_memory_mb(device),
+                task_wall_time_s=time.perf_counter() - t0,
+            )
+        )
+
+    metric_names: dict[str, str] = {}
+    if start == 0:
+        t0 = time.perf_counter()
+        scores, metric_names, sizes = evaluate(method, tasks, run, device, amp_dtype)
+        rows.append([scores[n] for n in names])
+        emit(0, t0, [])
+    else:
+        metric_names = {t.name: t.metric for t in tasks}
+
+    for t in range(start, len(tasks)):
+        t0 = time.perf_counter()
+        _reseed(run.seed, t)
+        method_gen.manual_seed(derive_seed(run.seed, "method", t))
+        method.before_task(t, tasks[t])
+        params = method.trainable_parameters()
+        trainable = max(trainable, sum(p.numel() for p in params))
+        curves: list[dict[str, Any]] = []
+        if params:
+            if optimizer is None or run.training.reset_optimizer:
+                optimizer = _make_optimizer(params, run)
+                if opt_state is not None:
+                    optimizer.load_state_dict(opt_state)
+                    opt_state = None
+            curves = _train_task(method, optimizer, t, tasks[t].name, run, device, amp_dtype)
+        method.after_task(t, tasks[t])
+        scores, metric_names, sizes = evaluate(method, tasks, run, device, amp_dtype)
+        rows.append([scores[n] for n in names])
+        all_curves.extend(curves)
+        emit(t + 1, t0, curves)
+
+    mat = np.asarray(rows, dtype=float)
+    return ContinualResult(
+        task_names=names,
+        matrix=mat,
+        metrics=matrix_metrics(mat, zero_shot=True, n_samples=np.array([sizes[n] for n in names])),
+        curves=all_curves,
+        trainable_params=trainable,
+        peak_memory_mb=_peak_memory_mb(device),
+        wall_time_s=time.perf_counter() - t_start,
+    )
+
+
+def _train_task(method, optimizer, t: int, task_name: str, run: RunSpec, device, amp_dtype) -> list[dict]:
+    tr = run.training
+    data = method.train_dataset(t)
+    g = torch.Generator().manual_seed(derive_seed(run.seed, "data", t))
+    loader = DataLoader(data, batch_size=tr.batch_size, shuffle=True, generator=g, drop_last=len(data) > tr.batch_size)
+    total = max(1, math.ceil(tr.epochs * len(loader)))
+    if tr.max_steps:
+        total = min(total, tr.max_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("initial_lr", tr.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(total, tr.warmup_steps, tr.schedule, tr.min_lr_ratio)
+    )
+    # fp16 needs loss scaling; bf16 has fp32's range and does not.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    curves: list[dict] = []
+    step, seen, tick = 0, 0, time.perf_counter()
+    while step < total:
+        for batch in loader:
+            if step >= total:
+                break
+            batch = _to_device(batch, device)
+            with autocast:
+                terms = method.training_loss(batch, t)
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+                raise NonFiniteLossError(
+                    f"loss became {float(loss)} at task {t} ({task_name}), step {step}; "
+                    f"non-finite terms: {', '.join(bad)} (lower training.lr or check the method's weights)"
+                )
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            method.after_backward(step)
+            if tr.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, tr.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr = sched.get_last_lr()[0]
+            sched.step()
+            seen += len(batch["label"])
+            step += 1
+            if step % tr.log_every == 0 or step == total:
+                now = time.perf_counter()
+                curves.append(
+                    {
+                        "task": t,
+                        "task_name": task_name,
+                        "step": step,
+                        "loss": float(loss.detach()),
+                        "lr": lr,
+                        "samples_per_s": seen / max(now - tick, 1e-9),
+                        **{f"loss/{k}": float(v.detach()) for k, v in terms.items()},
+                    }
+                )
+                seen, tick = 0, now
+    return curves

@@ -1,0 +1,172 @@
+"""Parquet results: written so that retries and resumes never lose or duplicate a row.
+
+Layout of a study's output directory::
+
+    study.yaml               the resolved study (after --smoke, paths made absolute)
+    study_state.json         which stages finished, their best configs
+    versions.json            package versions and git sha of the code that ran
+    accuracy.parquet         consolidated tables (rebuilt from parts/ at every stage end)
+    trials.parquet
+    curves.parquet
+    optuna/<stage>.journal   Optuna storage of each search stage (optuna-dashboard opens it)
+    ray/<stage>/             Ray Tune experiment (trial checkpoints, searcher state)
+    parts/accuracy/<stage>/<trial_id>/step_003.parquet   one file per (trial, step)
+    parts/curves/<stage>/<trial_id>/task_002.parquet     one file per (trial, task)
+    parts/trials/<stage>.parquet                         one file per finished stage
+
+A trial writes its part files itself, as soon as a row exists, under a name fixed by
+(stage, trial, step): a retried or resumed trial that recomputes a step overwrites the
+same file instead of adding a second one, and a crash between two steps loses nothing
+already written. Every file is written to a temporary name and renamed into place, so a
+reader never sees half a file. Consolidation reads every part and keeps the last copy of
+each key, so even an external copy of a part cannot create duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+ACCURACY_COLUMNS = [
+    "study", "stage", "trial_id", "variant", "order_id", "seed", "step", "trained_task",
+    "eval_task", "eval_position", "metric_name", "value", "n_samples",
+]  # fmt: skip
+ACCURACY_KEY = ["stage", "trial_id", "step", "eval_task"]
+CURVES_KEY = ["stage", "trial_id", "task", "step"]
+TRIALS_KEY = ["stage", "trial_id"]
+METRIC_COLUMNS = ["avg", "last", "transfer", "bwt", "fwt", "faa", "faa_weighted", "forgetting", "acc_seen"]
+TRIALS_COLUMNS = [
+    "study", "stage", "trial_id", "method", "variant", "order_id", "order", "seed", "status", "error",
+    "config_json", *METRIC_COLUMNS, "n_tasks_trained", "n_tasks", "trainable_params", "peak_memory_mb",
+    "wall_time_s", "git_sha",
+]  # fmt: skip
+
+
+def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class TrialWriter:
+    """Writes one trial's rows as part files (used inside the trial's process)."""
+
+    def __init__(self, out_dir: str | Path, study: str, stage: str, trial_id: str, meta: dict[str, Any]):
+        self.out = Path(out_dir)
+        self.study, self.stage, self.trial_id = study, stage, trial_id
+        self.meta = meta  # variant, order_id, seed
+
+    def write_step(self, end) -> None:
+        """Accuracy rows of one step (a ``TaskEnd``) and the curves of its task."""
+        rows = [
+            {
+                "study": self.study,
+                "stage": self.stage,
+                "trial_id": self.trial_id,
+                "variant": self.meta["variant"],
+                "order_id": self.meta["order_id"],
+                "seed": int(self.meta["seed"]),
+                "step": end.step,
+                "trained_task": end.trained_task or "",
+                "eval_task": name,
+                "eval_position": pos,
+                "metric_name": end.metric_names[name],
+                "value": float(end.row[name]),
+                "n_samples": int(end.n_samples[name]),
+            }
+            for pos, name in enumerate(end.task_names)
+        ]
+        base = self.out / "parts"
+        atomic_write_parquet(
+            pd.DataFrame(rows, columns=ACCURACY_COLUMNS),
+            base / "accuracy" / self.stage / self.trial_id / f"step_{end.step:03d}.parquet",
+        )
+        if end.curves:
+            df = pd.DataFrame(end.curves)
+            df.insert(0, "trial_id", self.trial_id)
+            df.insert(0, "stage", self.stage)
+            df.insert(0, "study", self.study)
+            atomic_write_parquet(df, base / "curves" / self.stage / self.trial_id / f"task_{end.step:03d}.parquet")
+
+
+def write_trials(out_dir: str | Path, stage: str, rows: list[dict[str, Any]]) -> None:
+    """The trials table of one stage (written by the driver when the stage ends)."""
+    df = pd.DataFrame(rows)
+    for c in TRIALS_COLUMNS:
+        if c not in df.columns:
+            df[c] = None
+    extra = sorted(c for c in df.columns if c not in TRIALS_COLUMNS)
+    atomic_write_parquet(df[TRIALS_COLUMNS + extra], Path(out_dir) / "parts" / "trials" / f"{stage}.parquet")
+
+
+def _read_parts(files: list[Path]) -> pd.DataFrame:
+    frames = [pd.read_parquet(f) for f in sorted(files)]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def consolidate(out_dir: str | Path) -> dict[str, int]:
+    """Rebuild accuracy / curves / trials.parquet from the parts; returns row counts."""
+    out = Path(out_dir)
+    counts = {}
+    for table, pattern, key, cols in (
+        ("accuracy", "parts/accuracy/*/*/step_*.parquet", ACCURACY_KEY, ACCURACY_COLUMNS),
+        ("curves", "parts/curves/*/*/task_*.parquet", CURVES_KEY, None),
+        ("trials", "parts/trials/*.parquet", TRIALS_KEY, None),
+    ):
+        df = _read_parts(list(out.glob(pattern)))
+        if len(df):
+            df = df.drop_duplicates(subset=key, keep="last")
+            df = df.sort_values(key, kind="stable").reset_index(drop=True)
+        elif cols:
+            df = pd.DataFrame(columns=cols)
+        atomic_write_parquet(df, out / f"{table}.parquet")
+        counts[table] = len(df)
+    return counts
+
+
+def git_sha(cwd: str | Path | None = None) -> str:
+    try:
+        r = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return r.stdout.strip() if r.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("mmcl-studies", "torch", "ray", "optuna", "open_clip_torch", "transformers", "peft", "pandas", "pyarrow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    out["git_sha"] = git_sha()
+    return out
+
+
+def write_json(obj: Any, path: Path) -> None:
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str), path)

@@ -1,0 +1,384 @@
+"""The study file, as typed pydantic models.
+
+A study YAML has one ``run`` block (a single continual run: backbone, benchmark, method,
+training, evaluation, seed) and a list of ``stages`` that run many variations of it.
+Every model forbids unknown keys so that a typo fails at load time, not after an hour of
+GPU time. :func:`load_study` turns every problem into a :class:`SpecError` whose message
+names the file, the key path and what was expected; the CLI prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SpecError(Exception):
+    """A study file that cannot be used. ``str(err)`` is the whole user-facing message."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+# --------------------------------------------------------------------------- run block
+
+
+class BackboneSpec(Strict):
+    """A frozen pretrained model.
+
+    ``pretrained`` is an open_clip tag (``openai``, ``laion2b_s34b_b88k`` ...) or, for the
+    project's tiny offline model, ``synthetic`` (pretrained here and cached on disk);
+    ``checkpoint`` is a local file that wins over ``pretrained``.
+    """
+
+    kind: Literal["open_clip"] = "open_clip"
+    model: str = "mmcl-tiny-clip"
+    pretrained: str | None = "synthetic"
+    checkpoint: str | None = None
+    # Where pretrained / generated weights are cached; default ~/.cache/mmcl (or $MMCL_CACHE).
+    cache_dir: str | None = None
+
+
+class BenchmarkSpec(Strict):
+    """Which task stream, in which order.
+
+    ``order`` lists task names in training order (default: the benchmark's own order);
+    ``num_tasks`` keeps the first N tasks of that order. ``options`` go to the
+    benchmark's builder (for ``synthetic``: sizes per class, image size ...).
+    """
+
+    name: str = "synthetic"
+    order: list[str] | None = None
+    num_tasks: int | None = Field(default=None, ge=1)
+    root: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class MethodSpec(Strict):
+    """A continual-learning method by registry name and its typed config.
+
+    ``config`` is validated against the method's own pydantic ``Config`` model when the
+    study is loaded (see :func:`validate_run`), so unknown knobs fail early.
+    """
+
+    name: str = "finetune"
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainingSpec(Strict):
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    batch_size: int = Field(default=32, ge=1)
+    epochs: float = Field(default=1.0, gt=0)
+    # A cap on optimisation steps per task (after epochs); None = no cap.
+    max_steps: int | None = Field(default=None, ge=1)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    # Cosine ends at lr * min_lr_ratio.
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    # auto: bf16 autocast on a CUDA device that has it, fp16 + GradScaler on older GPUs,
+    # full precision on CPU.
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    # A fresh optimizer per task is the usual protocol (and the trainable parameter set
+    # may change between tasks); false carries optimizer state across tasks.
+    reset_optimizer: bool = True
+    log_every: int = Field(default=10, ge=1)
+
+
+class EvaluationSpec(Strict):
+    batch_size: int = Field(default=256, ge=1)
+    # Cap on test samples per task (None = all). Smoke runs set it.
+    max_samples: int | None = Field(default=None, ge=1)
+    # Text head: average the embeddings of all templates, or use the first one only.
+    templates: Literal["all", "first"] = "all"
+
+
+class RunSpec(Strict):
+    """One whole continual run: what a single trial executes."""
+
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backbone: BackboneSpec = Field(default_factory=BackboneSpec)
+    benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    # Threads torch may use inside one trial (match it to resources.cpu).
+    torch_threads: int | None = Field(default=None, ge=1)
+
+
+# --------------------------------------------------------------------------- stages
+
+Metric = Literal["avg", "last", "transfer", "bwt", "fwt", "faa", "forgetting", "acc_seen"]
+
+
+class SchedulerSpec(Strict):
+    """ASHA over the task index: a trial is compared to others after the same task."""
+
+    kind: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: float = Field(default=2.0, gt=1)
+
+
+class StageBase(Strict):
+    name: str
+    # Which metric ranks trials (final value of the whole run) and in which direction.
+    metric: Metric = "avg"
+    mode: Literal["max", "min"] = "max"
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_" for c in v):
+            raise ValueError("stage names use letters, digits, '-' and '_' only")
+        return v
+
+
+class SearchStage(StageBase):
+    kind: Literal["search"]
+    # Name of a module in search_spaces/ (e.g. "lwf"); it defines the Optuna space.
+    search_space: str
+    num_samples: int = Field(default=8, ge=1)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    # Optuna sampler seed (TPE); None = random.
+    sampler_seed: int | None = 0
+
+
+class AblationStage(StageBase):
+    kind: Literal["ablation"]
+    # Start from the best config of an earlier stage (its name), or "run" for the run block.
+    base: str = "run"
+    # Explicit overrides (dotted keys such as "training.lr", "method.lambda") on top of base.
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    # Variant names the method declares (``Method.ablations``), or name -> overrides.
+    variants: list[str] | dict[str, dict[str, Any]] = Field(default_factory=lambda: ["full"])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+
+
+class OrdersStage(StageBase):
+    kind: Literal["orders"]
+    base: str = "run"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    # Named task orders (lists of task names).
+    named: dict[str, list[str]] = Field(default_factory=dict)
+    include_default: bool = True
+    reverse: bool = True
+    random: int = Field(default=0, ge=0)
+    random_seed: int = 0
+    seeds: list[int] = Field(default_factory=lambda: [0])
+
+
+Stage = Annotated[Union[SearchStage, AblationStage, OrdersStage], Field(discriminator="kind")]
+
+
+class ResourcesSpec(Strict):
+    """What one trial asks Ray for. A GPU request on a machine with none waits forever."""
+
+    cpu: float = Field(default=1, gt=0)
+    gpu: float = Field(default=0, ge=0)
+
+
+class FailureSpec(Strict):
+    # How often Ray retries a trial whose process died; it resumes from its last task.
+    max_failures: int = Field(default=2, ge=-1)
+
+
+class StudySpec(Strict):
+    name: str
+    description: str = ""
+    # Where results go (relative paths resolve against the directory `mmcl` runs in).
+    storage: str = "results"
+    run: RunSpec = Field(default_factory=RunSpec)
+    stages: list[Stage] = Field(min_length=1)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    max_concurrent_trials: int = Field(default=2, ge=1)
+    failure: FailureSpec = Field(default_factory=FailureSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError("study names use letters, digits, '-', '_' and '.' only")
+        return v
+
+    @model_validator(mode="after")
+    def _stage_references(self) -> "StudySpec":
+        seen: list[str] = []
+        for i, st in enumerate(self.stages):
+            if st.name in seen:
+                raise ValueError(f"stages[{i}].name: stage name {st.name!r} is used twice")
+            base = getattr(st, "base", "run")
+            if base != "run" and base not in seen:
+                raise ValueError(
+                    f"stages[{i}].base: {base!r} is not an earlier stage; "
+                    f"use 'run' or one of {seen or '(no earlier stage)'}"
+                )
+            seen.append(st.name)
+        return self
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def apply_overrides(run: RunSpec, overrides: dict[str, Any], where: str = "overrides") -> RunSpec:
+    """Return a new RunSpec with dotted-key overrides applied and validated.
+
+    ``method.X`` is shorthand for ``method.config.X`` (search spaces and ablation variants
+    talk about a method's knobs, not about the nesting of the run block).
+    """
+    data = run.model_dump()
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if parts[0] == "method" and len(parts) >= 2 and parts[1] not in ("name", "config"):
+            parts = ["method", "config", *parts[1:]]
+        node = data
+        for p in parts[:-1]:
+            if not isinstance(node, dict) or p not in node or not isinstance(node[p], dict):
+                if isinstance(node, dict) and p not in node and parts[:2] == ["method", "config"]:
+                    node[p] = {}
+                else:
+                    raise SpecError(f"{where}: {key!r} does not name a key of the run block")
+            node = node[p]
+        if not isinstance(node, dict):
+            raise SpecError(f"{where}: {key!r} does not name a key of the run block")
+        if parts[:2] != ["method", "config"] and parts[-1] not in node:
+            raise SpecError(f"{where}: {key!r} does not name a key of the run block")
+        node[parts[-1]] = copy.deepcopy(value)
+    try:
+        new = RunSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_validation(e, where)) from None
+    validate_method_config(new, where)
+    return new
+
+
+def validate_method_config(run: RunSpec, where: str = "run.method") -> Any:
+    """Validate ``run.method.config`` against the registered method's Config; return it."""
+    from cl_methods import get_method_class, registered_methods
+
+    try:
+        cls = get_method_class(run.method.name)
+    except KeyError:
+        raise SpecError(
+            f"{where}.name: unknown method {run.method.name!r}; registered methods: "
+            f"{', '.join(registered_methods())}"
+        ) from None
+    try:
+        return cls.Config.model_validate(run.method.config)
+    except ValidationError as e:
+        raise SpecError(_format_validation(e, f"{where}.config")) from None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
+        # Discriminated unions put the tag in the location ("stages.0.search.name").
+        for tag in ("search.", "ablation.", "orders."):
+            loc = loc.replace(f".{tag}", ".")
+        path = ".".join(p for p in (prefix, loc) if p)
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; the README lists every key)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif e["type"] == "union_tag_invalid":
+            msg = "'kind' must be one of search, ablation, orders"
+        elif e["type"] == "union_tag_not_found":
+            msg = "a stage needs 'kind': search, ablation or orders"
+        elif "input" in e and e["type"] not in ("value_error",):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {path or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def _line_of(text: str, path: tuple) -> int | None:
+    """Best-effort YAML line (1-based) of a key path, for error messages."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    for p in path:
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for k, v in node.value:
+                if k.value == str(p):
+                    nxt = v if p != path[-1] else k
+                    break
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(p, int) and p < len(node.value):
+            node = node.value[p]
+        else:
+            return None
+        if node is None:
+            return None
+    return node.start_mark.line + 1
+
+
+def parse_study(data: Any, source: str = "<study>", text: str | None = None) -> StudySpec:
+    """Validate an already-parsed study mapping, with file-naming errors."""
+    if data is None:
+        raise SpecError(f"{source}: the file is empty; a study needs at least 'name' and 'stages'")
+    if not isinstance(data, dict):
+        raise SpecError(
+            f"{source}: expected a mapping of study keys (name, run, stages ...) at the top "
+            f"level, got a {type(data).__name__}"
+        )
+    try:
+        study = StudySpec.model_validate(data)
+    except ValidationError as e:
+        detail = []
+        for err in e.errors():
+            loc = tuple(x for x in err["loc"] if x not in ("search", "ablation", "orders"))
+            line = _line_of(text, loc) if text else None
+            if line:
+                detail.append(f"line {line}")
+        where = f" (near {detail[0]})" if detail else ""
+        raise SpecError(f"{source}: invalid study{where}:\n{_format_validation(e)}") from None
+    try:
+        validate_run(study)
+    except SpecError as e:
+        raise SpecError(f"{source}: {e}") from None
+    return study
+
+
+def validate_run(study: StudySpec) -> None:
+    """Checks that need the method registry and the search spaces (no data, no Ray)."""
+    validate_method_config(study.run, "run.method")
+    from mmcl.study import check_stages  # stages know how to check themselves
+
+    check_stages(study)
+
+
+def load_study(path: str | Path) -> StudySpec:
+    """Read and validate a study YAML; every problem is a SpecError naming the file."""
+    p = Path(path)
+    if not p.exists():
+        raise SpecError(f"{p}: no such study file")
+    if p.is_dir():
+        raise SpecError(f"{p}: is a directory; give the path of a study YAML file")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{p}: cannot read the file ({e})") from None
+    if not text.strip():
+        raise SpecError(f"{p}: the file is empty; a study needs at least 'name' and 'stages'")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown line"
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(f"{p}: YAML syntax error at {where}: {problem}") from None
+    return parse_study(data, str(p), text)

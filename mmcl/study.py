@@ -1,0 +1,412 @@
+"""Stages -> trials -> Parquet: the study driver, without Ray.
+
+A study runs its stages in order. Each stage becomes a :class:`StagePlan` (the base run
+with the stage's starting point applied, and either an Optuna search or a fixed list of
+trials) that ``mmcl.tune.run_stage`` executes on Ray. When a stage ends its trials table
+is written and its best config recorded in ``study_state.json``; later stages may start
+from it (``base: <stage>``). ``resume_study`` skips finished stages and restores the
+interrupted one from its Ray experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mmcl.spec import (
+    AblationStage,
+    OrdersStage,
+    ResourcesSpec,
+    RunSpec,
+    SchedulerSpec,
+    SearchStage,
+    SpecError,
+    StudySpec,
+    apply_overrides,
+)
+
+log = logging.getLogger(__name__)
+
+
+class StageInterrupted(RuntimeError):
+    """Tune returned before every trial of a stage ended (Ctrl-C, a stopped driver)."""
+
+
+class TrialConfig(BaseModel):
+    """One fixed trial of an ablation or orders stage (the Tune config of that trial)."""
+
+    model_config = ConfigDict(extra="forbid")
+    variant: str
+    order_id: str
+    seed: int
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class StagePlan(BaseModel):
+    """Everything a stage's trials need, serialisable (it travels to Ray workers)."""
+
+    model_config = ConfigDict(extra="forbid")
+    study: str
+    stage: str
+    kind: Literal["search", "ablation", "orders"]
+    metric: str
+    mode: Literal["max", "min"]
+    base_run: RunSpec
+    base_overrides: dict[str, Any] = Field(default_factory=dict)
+    n_tasks: int
+    trials: list[TrialConfig] = Field(default_factory=list)
+    search_space: str | None = None
+    num_samples: int = 0
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    sampler_seed: int | None = None
+    resources: ResourcesSpec
+    max_concurrent_trials: int
+    max_failures: int
+    out_dir: str
+
+    @property
+    def num_trials(self) -> int:
+        return self.num_samples if self.kind == "search" else len(self.trials)
+
+    def trial_overrides(self, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Tune config of one trial -> (its overrides of ``base_run``, its metadata)."""
+        if self.kind == "search":
+            return dict(config), {"variant": "search", "order_id": "default", "seed": self.base_run.seed}
+        tc = TrialConfig.model_validate(config)
+        return {**tc.overrides, "seed": tc.seed}, {"variant": tc.variant, "order_id": tc.order_id, "seed": tc.seed}
+
+    def resolve(self, config: dict[str, Any]) -> tuple[RunSpec, dict[str, Any]]:
+        """Tune config of one trial -> (its run, its metadata for the results)."""
+        overrides, meta = self.trial_overrides(config)
+        return apply_overrides(self.base_run, overrides, where=f"stage {self.stage}"), meta
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _task_names(run: RunSpec) -> list[str]:
+    from mmcl.data import benchmark_task_names
+
+    names = benchmark_task_names(run.benchmark)
+    if run.benchmark.order:
+        names = list(run.benchmark.order)
+    if run.benchmark.num_tasks:
+        names = names[: run.benchmark.num_tasks]
+    return names
+
+
+def _sample_space(name: str, run: RunSpec, where: str) -> dict[str, Any]:
+    """Draw one point of a search space (real Optuna, in memory) and apply it to the run,
+    so a parameter that is not a key of the run / method config fails at load time."""
+    import optuna
+
+    from search_spaces import get_space
+
+    try:
+        fn = get_space(name)
+    except KeyError as e:
+        raise SpecError(f"{where}.search_space: {e.args[0]}") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    consts = fn(trial) or {}
+    point = {**trial.params, **consts}
+    for key in point:
+        try:
+            apply_overrides(run, {key: point[key]}, where=f"{where} (search space {name!r}, parameter {key!r})")
+        except SpecError as e:
+            raise SpecError(
+                f"{e}\n  fix: search_spaces/{name}.py names a parameter the run does not have; "
+                f"method knobs are 'method.<field of {run.method.name}'s config>', others 'training.lr' etc."
+            ) from None
+    return point
+
+
+def _variant_overrides(stage: AblationStage, run: RunSpec, where: str) -> dict[str, dict[str, Any]]:
+    from cl_methods import get_method_class
+
+    if isinstance(stage.variants, dict):
+        return {name: dict(ov) for name, ov in stage.variants.items()}
+    declared = get_method_class(run.method.name).ablations
+    out = {}
+    for v in stage.variants:
+        if v not in declared:
+            raise SpecError(
+                f"{where}.variants: method {run.method.name!r} has no ablation variant {v!r}; "
+                f"it declares: {', '.join(declared)} (or give name -> overrides)"
+            )
+        out[v] = {f"method.{k}": val for k, val in declared[v].items()}
+    return out
+
+
+def _orders(stage: OrdersStage, names: list[str], where: str) -> dict[str, list[str]]:
+    orders: dict[str, list[str]] = {}
+    if stage.include_default:
+        orders["default"] = list(names)
+    if stage.reverse:
+        orders["reverse"] = list(reversed(names))
+    for oid, order in stage.named.items():
+        if sorted(order) != sorted(names):
+            raise SpecError(
+                f"{where}.named.{oid}: an order must list each task of the run exactly once; "
+                f"tasks: {', '.join(names)}"
+            )
+        orders[oid] = list(order)
+    rng = random.Random(stage.random_seed)
+    for i in range(stage.random):
+        perm = list(names)
+        rng.shuffle(perm)
+        orders[f"random-{i}"] = perm
+    if not orders:
+        raise SpecError(f"{where}: no order to run (include_default, reverse, named and random are all off)")
+    return orders
+
+
+def check_stages(study: StudySpec) -> None:
+    """Load-time checks of every stage against the run (no data, no Ray, no GPU)."""
+    from mmcl.data import benchmark_task_names  # noqa: F401  (fails early if unknown benchmark)
+
+    try:
+        names = _task_names(study.run)
+    except SpecError:
+        raise
+    for i, st in enumerate(study.stages):
+        where = f"stages[{i}] ({st.name})"
+        try:
+            apply_overrides(study.run, getattr(st, "overrides", {}), where=f"{where}.overrides")
+        except SpecError as e:
+            raise SpecError(str(e)) from None
+        if isinstance(st, SearchStage):
+            _sample_space(st.search_space, study.run, where)
+        elif isinstance(st, AblationStage):
+            for v, ov in _variant_overrides(st, study.run, where).items():
+                apply_overrides(study.run, {**st.overrides, **ov}, where=f"{where}.variants.{v}")
+        elif isinstance(st, OrdersStage):
+            _orders(st, names, where)
+
+
+# --------------------------------------------------------------------------- smoke
+
+
+def smoke(study: StudySpec) -> StudySpec:
+    """Shrink a study to seconds-to-minutes: few trials, 3 tasks, a few steps per task."""
+    s = study.model_copy(deep=True)
+    r = s.run
+    n = len(_task_names(r))
+    if r.benchmark.order:
+        r.benchmark.order = r.benchmark.order[: min(3, n)]
+    r.benchmark.num_tasks = min(3, r.benchmark.num_tasks or n)
+    r.training.max_steps = min(r.training.max_steps or 4, 4)
+    r.training.log_every = min(r.training.log_every, 2)
+    r.evaluation.max_samples = min(r.evaluation.max_samples or 64, 64)
+    for st in s.stages:
+        if isinstance(st, SearchStage):
+            st.num_samples = min(st.num_samples, 3)
+        elif isinstance(st, AblationStage):
+            st.seeds = st.seeds[:1]
+            if isinstance(st.variants, dict):
+                st.variants = dict(list(st.variants.items())[:2])
+            else:
+                st.variants = st.variants[:2]
+        elif isinstance(st, OrdersStage):
+            st.seeds = st.seeds[:1]
+            st.random = min(st.random, 1)
+            # Named orders list every task; smoke runs only the first 3, so drop them.
+            st.named = {}
+    return s
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def plan_stage(study: StudySpec, index: int, out_dir: Path, best: dict[str, dict[str, Any]]) -> StagePlan:
+    """The StagePlan of stage ``index``; ``best[name]`` = best overrides of earlier stages."""
+    st = study.stages[index]
+    where = f"stages[{index}] ({st.name})"
+    base = getattr(st, "base", "run")
+    base_ov = dict(best.get(base, {})) if base != "run" else {}
+    base_ov.update(getattr(st, "overrides", {}))
+    run = study.run.model_copy(deep=True)
+    if run.torch_threads is None:
+        # Match torch's threads to the CPUs Ray gives the trial, or two trials fight.
+        run.torch_threads = max(1, int(study.resources.cpu))
+    base_run = apply_overrides(run, base_ov, where=f"{where} base")
+    names = _task_names(base_run)
+    common = dict(
+        study=study.name,
+        stage=st.name,
+        kind=st.kind,
+        metric=st.metric,
+        mode=st.mode,
+        base_run=base_run,
+        base_overrides=base_ov,
+        n_tasks=len(names),
+        resources=study.resources,
+        max_concurrent_trials=study.max_concurrent_trials,
+        max_failures=study.failure.max_failures,
+        out_dir=str(out_dir),
+    )
+    if isinstance(st, SearchStage):
+        return StagePlan(
+            **common,
+            search_space=st.search_space,
+            num_samples=st.num_samples,
+            scheduler=st.scheduler,
+            sampler_seed=st.sampler_seed,
+        )
+    trials = []
+    if isinstance(st, AblationStage):
+        for v, ov in _variant_overrides(st, base_run, where).items():
+            for seed in st.seeds:
+                trials.append(TrialConfig(variant=v, order_id="default", seed=seed, overrides=ov))
+    else:
+        for oid, order in _orders(st, names, where).items():
+            for seed in st.seeds:
+                trials.append(
+                    TrialConfig(variant="full", order_id=oid, seed=seed, overrides={"benchmark.order": order})
+                )
+    return StagePlan(**common, trials=trials)
+
+
+def describe_plan(study: StudySpec) -> str:
+    """Text for ``mmcl plan``: stages, trial counts, resources (no Ray, no data)."""
+    lines = [f"study {study.name}: {len(study.stages)} stage(s)"]
+    r = study.resources
+    total = 0
+    for i, st in enumerate(study.stages):
+        plan = plan_stage(study, i, Path("."), best={})
+        total += plan.num_trials
+        run = plan.base_run
+        detail = {
+            "search": lambda: f"Optuna TPE over search space '{plan.search_space}', "
+            f"{plan.num_samples} trials, {plan.scheduler.kind.upper()} on the task index",
+            "ablation": lambda: "variants "
+            + ", ".join(sorted({t.variant for t in plan.trials}))
+            + f" x seeds {sorted({t.seed for t in plan.trials})}",
+            "orders": lambda: "orders "
+            + ", ".join(dict.fromkeys(t.order_id for t in plan.trials))
+            + f" x seeds {sorted({t.seed for t in plan.trials})}",
+        }[plan.kind]()
+        base = getattr(st, "base", "run")
+        lines.append(
+            f"  [{i + 1}] {st.name} ({st.kind}): {plan.num_trials} trial(s); {detail}; "
+            f"starts from {'the run block' if base == 'run' else 'best of ' + base}; ranks by {st.metric} ({st.mode})"
+        )
+        lines.append(
+            f"      method {run.method.name}, backbone {run.backbone.model} ({run.backbone.pretrained or run.backbone.checkpoint}), "
+            f"benchmark {run.benchmark.name} with {plan.n_tasks} tasks"
+        )
+    lines.append(
+        f"  total {total} trial(s); each asks for {r.cpu:g} CPU and {r.gpu:g} GPU; "
+        f"at most {study.max_concurrent_trials} at once; a failed trial is retried {study.failure.max_failures} time(s)"
+    )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def resolve_paths(study: StudySpec, cwd: Path) -> StudySpec:
+    """Make every path absolute: Ray trials run in their own working directories."""
+    s = study.model_copy(deep=True)
+    b = s.run.backbone
+    if b.checkpoint:
+        b.checkpoint = str((cwd / Path(b.checkpoint).expanduser()).resolve())
+    if b.cache_dir:
+        b.cache_dir = str((cwd / Path(b.cache_dir).expanduser()).resolve())
+    if s.run.benchmark.root:
+        s.run.benchmark.root = str((cwd / Path(s.run.benchmark.root).expanduser()).resolve())
+    s.storage = str((cwd / Path(s.storage).expanduser()).resolve())
+    return s
+
+
+def _state_path(out: Path) -> Path:
+    return out / "study_state.json"
+
+
+def read_state(out: Path) -> dict[str, Any]:
+    p = _state_path(out)
+    return json.loads(p.read_text()) if p.exists() else {"stages": {}}
+
+
+def best_of_stage(plan: StagePlan, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The completed trial with the best final metric, or None."""
+    import math
+
+    done = [r for r in rows if r["status"] == "completed" and r.get(plan.metric) is not None]
+    done = [r for r in done if not math.isnan(r[plan.metric])]
+    if not done:
+        return None
+    return (max if plan.mode == "max" else min)(done, key=lambda r: r[plan.metric])
+
+
+def preflight(study: StudySpec) -> None:
+    """Work done once before any trial: pretrained weights cached, data present."""
+    from mmcl.backbones import ensure_pretrained
+    from mmcl.data import build_benchmark
+
+    b = study.run.backbone
+    if b.checkpoint:
+        if not Path(b.checkpoint).exists():
+            raise SpecError(f"run.backbone.checkpoint: no such file {b.checkpoint}")
+    elif b.pretrained == "synthetic":
+        ensure_pretrained(b)
+    # Building the benchmark once opens every data root (a missing dataset fails here,
+    # before any trial is scheduled).
+    build_benchmark(study.run.benchmark)
+
+
+def run_study(study: StudySpec, out: Path, resume: bool = False) -> Path:
+    """Run (or continue) every stage; returns the output directory."""
+    from mmcl import results
+    from mmcl.tune import run_stage
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        import yaml
+
+        results.atomic_write_text(
+            yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False), out / "study.yaml"
+        )
+        results.write_json(results.versions(), out / "versions.json")
+    state = read_state(out)
+    preflight(study)
+    best: dict[str, dict[str, Any]] = {
+        name: s.get("best_overrides", {}) for name, s in state["stages"].items() if s.get("done")
+    }
+    for i, st in enumerate(study.stages):
+        if state["stages"].get(st.name, {}).get("done"):
+            log.info("stage %s finished earlier; not rerun", st.name)
+            continue
+        plan = plan_stage(study, i, out, best)
+        print(f"== stage {i + 1}/{len(study.stages)}: {st.name} ({st.kind}, {plan.num_trials} trials)", flush=True)
+        restore = resume and state["stages"].get(st.name, {}).get("started", False)
+        _mark(out, st.name, started=True)
+        rows = run_stage(plan, restore=restore)
+        results.write_trials(out, st.name, rows)
+        results.consolidate(out)
+        top = best_of_stage(plan, rows)
+        entry = {"done": True, "started": True, "n_trials": len(rows)}
+        if top is not None:
+            # config_json holds the trial's overrides of the stage's base run.
+            ov = {**plan.base_overrides, **json.loads(top["config_json"])}
+            entry.update(best_trial=top["trial_id"], best_value=top[plan.metric], best_overrides=ov)
+            best[st.name] = ov
+        else:
+            best[st.name] = dict(plan.base_overrides)
+            entry["best_overrides"] = best[st.name]
+        _mark(out, st.name, **entry)
+    results.consolidate(out)
+    return out
+
+
+def _mark(out: Path, stage: str, **fields: Any) -> None:
+    from mmcl.results import write_json
+
+    state = read_state(out)
+    state["stages"].setdefault(stage, {}).update(fields)
+    write_json(state, _state_path(out))

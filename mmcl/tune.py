@@ -1,0 +1,305 @@
+"""Ray Tune: the only module that imports ``ray``.
+
+One Tune trial = one whole continual run (``mmcl.engine.run_continual``). After every
+row of the accuracy matrix the trial writes its Parquet parts, then calls
+``tune.report`` with the task index, the running metrics and a checkpoint holding the
+engine's resumable state; a retried trial picks that checkpoint up from
+``tune.get_checkpoint()`` and continues at the next task.
+
+Search stages use Optuna (TPE) through :class:`ContinualOptunaSearch`, with a journal
+file per stage under ``<out>/optuna/`` (optuna-dashboard opens it; a resumed study keeps
+its history), and ASHA with ``time_attr="task"`` so poor trials stop after a task or two.
+Ray's stock OptunaSearch tells Optuna such a stopped trial is COMPLETE with its partial
+score; early-task scores are inflated (nothing forgotten yet), which would mislead TPE,
+so the subclass tells PRUNED at the trial's last task instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from mmcl.results import METRIC_COLUMNS, TrialWriter, git_sha
+from mmcl.study import StageInterrupted, StagePlan, _task_names
+
+log = logging.getLogger(__name__)
+
+# Keys of every tune.report (besides the metrics). ``task`` is ASHA's time attribute.
+REPORT_META = ("task", "n_tasks", "objective", "variant", "order_id", "seed", "error")
+
+
+# --------------------------------------------------------------------------- searcher
+
+
+class ContinualOptunaSearch(OptunaSearch):
+    """OptunaSearch that knows a trial is a sequence of tasks.
+
+    - intermediate values are reported at step = task index (not Tune's iteration count),
+      and only from task 1 on (row 0 is the untrained model);
+    - a trial that ends before its last task (stopped by ASHA) is told PRUNED: Optuna
+      then keeps its last intermediate value, at its step, out of TPE's "complete" set;
+    - a trial that ended with an error (or reported one, e.g. a NaN loss) is told FAIL.
+    """
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        value = result.get(self.metric)
+        if result.get("task", 0) < 1 or value is None or not math.isfinite(value):
+            return
+        self._ot_trials[trial_id].report(float(value), step=int(result["task"]))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        import optuna
+
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        state, value = optuna.trial.TrialState.COMPLETE, None
+        if error or not result or result.get("error"):
+            state = optuna.trial.TrialState.FAIL
+        elif result.get("task", 0) < result.get("n_tasks", 0):
+            state = optuna.trial.TrialState.PRUNED
+        else:
+            value = result.get(self.metric)
+            if value is None or not math.isfinite(value):
+                state, value = optuna.trial.TrialState.FAIL, None
+        self._ot_study.tell(ot_trial, value, state=state)
+        self._completed_trials.add(trial_id)
+
+
+def optuna_storage(path: Path):
+    """A journal-file Optuna storage (a storage object: OptunaSearch rejects URLs)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def optuna_study_name(plan: StagePlan) -> str:
+    return f"{plan.study}.{plan.stage}"
+
+
+# --------------------------------------------------------------------------- trial
+
+
+def _fault_injection(stage: str, trial_id: str, step: int) -> None:
+    """Test hook: ``MMCL_FAULT_INJECT=die:<stage>:<step>:<marker dir>`` kills each trial
+    of <stage> once, right after it wrote the parts of <step> and before it reported
+    them, the worst moment for duplicates (the retry recomputes and rewrites <step>)."""
+    spec = os.environ.get("MMCL_FAULT_INJECT", "")
+    if not spec.startswith("die:"):
+        return
+    _, f_stage, f_step, marker_dir = spec.split(":", 3)
+    marker = Path(marker_dir) / f"{stage}-{trial_id}"
+    if f_stage == stage and int(f_step) == step and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        os._exit(17)
+
+
+def _trial(config: dict[str, Any], plan_json: str) -> None:
+    """The Tune function trainable: one continual run, reporting after every task."""
+    from mmcl.engine import NonFiniteLossError, run_continual
+
+    plan = StagePlan.model_validate_json(plan_json)
+    run, meta = plan.resolve(config)
+    trial_id = tune.get_context().get_trial_id()
+    writer = TrialWriter(plan.out_dir, plan.study, plan.stage, trial_id, meta)
+
+    resume, elapsed = None, 0.0
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            saved = torch.load(Path(d) / "state.pt", weights_only=False)
+        resume, elapsed = saved["engine"], saved["elapsed_s"]
+    t_start = time.perf_counter()
+    last: dict[str, Any] = {}
+
+    def report(end) -> None:
+        writer.write_step(end)
+        _fault_injection(plan.stage, trial_id, end.step)
+        value = end.metrics.get(plan.metric, math.nan) if end.step else math.nan
+        metrics = {
+            **{k: float(end.metrics.get(k, math.nan)) for k in METRIC_COLUMNS},
+            "task": end.step,
+            "n_tasks": end.n_tasks,
+            # ASHA and Optuna need a number every time: NaN (e.g. BWT after one task) -> 0.
+            "objective": float(value) if math.isfinite(value) else 0.0,
+            **meta,
+            "error": "",
+            "trainable_params": end.trainable_params,
+            "peak_memory_mb": end.peak_memory_mb,
+            "run_time_s": elapsed + time.perf_counter() - t_start,
+        }
+        last.clear()
+        last.update(metrics)
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({"engine": end.state, "elapsed_s": metrics["run_time_s"]}, Path(d) / "state.pt")
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    try:
+        run_continual(run, on_task_end=report, resume=resume)
+    except NonFiniteLossError as e:
+        # Deterministic: a retry would diverge again. Record it as the trial's error,
+        # without a checkpoint, and let the study go on.
+        tune.report({**last, "error": str(e), "objective": last.get("objective", 0.0)})
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster in $RAY_ADDRESS (``ray job submit`` sets it) or start a
+    local one. ``MMCL_*`` variables travel to the workers (the test fault hook)."""
+    if ray.is_initialized():
+        return
+    env = {k: v for k, v in os.environ.items() if k.startswith("MMCL_")}
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if env:
+        kwargs["runtime_env"] = {"env_vars": env}
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})
+    else:
+        ray.init(**kwargs)
+
+
+def _build_tuner(plan: StagePlan, restore: bool) -> tune.Tuner:
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, plan_json=plan.model_dump_json()),
+        {"cpu": plan.resources.cpu, "gpu": plan.resources.gpu},
+    )
+    storage = str(Path(plan.out_dir) / "ray")
+    exp_path = Path(storage) / plan.stage
+    if restore and tune.Tuner.can_restore(str(exp_path)):
+        print(f"   restoring stage {plan.stage} from {exp_path}", flush=True)
+        return tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=True)
+
+    run_config = tune.RunConfig(
+        name=plan.stage,
+        storage_path=storage,
+        failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        verbose=1,
+    )
+    if plan.kind == "search":
+        from search_spaces import get_space
+
+        searcher = ContinualOptunaSearch(
+            space=get_space(plan.search_space),
+            sampler=_sampler(plan),
+            storage=optuna_storage(Path(plan.out_dir) / "optuna" / f"{plan.stage}.journal"),
+            study_name=optuna_study_name(plan),
+        )
+        scheduler = None
+        if plan.scheduler.kind == "asha":
+            scheduler = tune.schedulers.ASHAScheduler(
+                time_attr="task",
+                max_t=plan.n_tasks,
+                grace_period=min(plan.scheduler.grace_period, plan.n_tasks),
+                reduction_factor=plan.scheduler.reduction_factor,
+            )
+        tune_config = tune.TuneConfig(
+            metric="objective",
+            mode=plan.mode,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=plan.num_samples,
+            max_concurrent_trials=plan.max_concurrent_trials,
+        )
+        return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+    param_space = {"trial": tune.grid_search([t.model_dump() for t in plan.trials])}
+    tune_config = tune.TuneConfig(
+        metric="objective", mode=plan.mode, max_concurrent_trials=plan.max_concurrent_trials
+    )
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def _sampler(plan: StagePlan):
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=plan.sampler_seed)
+
+
+def run_stage(plan: StagePlan, restore: bool = False) -> list[dict[str, Any]]:
+    """Run one stage on Ray; return one trials-table row per trial."""
+    ensure_ray()
+    grid = _build_tuner(plan, restore).fit()
+    return _trial_rows(plan, grid)
+
+
+def _trial_rows(plan: StagePlan, grid) -> list[dict[str, Any]]:
+    import json
+
+    sha = git_sha()
+    rows, unfinished = [], []
+    # ResultGrid is built from these Trial objects in this order; only they know whether a
+    # trial ended (TERMINATED / ERROR) or was cut off with the driver (PENDING / RUNNING).
+    trials = grid._experiment_analysis.trials
+    for trial, res in zip(trials, (grid[i] for i in range(len(grid)))):
+        m = res.metrics or {}
+        overrides, meta = plan.trial_overrides(res.config or {})
+        n_done = int(m.get("task", 0))
+        if trial.status == "ERROR":
+            status, error = "error", _short_error(res.error)
+        elif trial.status != "TERMINATED":
+            unfinished.append(trial.trial_id)
+            continue
+        elif m.get("error"):
+            status, error = "error", m["error"]
+        elif n_done < plan.n_tasks:
+            status, error = "stopped", None
+        else:
+            status, error = "completed", None
+        run, _ = plan.resolve(res.config or {})
+        rows.append(
+            {
+                "study": plan.study,
+                "stage": plan.stage,
+                "trial_id": trial.trial_id,
+                "method": run.method.name,
+                **meta,
+                "order": ",".join(_task_names(run)),
+                "status": status,
+                "error": error,
+                "config_json": json.dumps(overrides, sort_keys=True),
+                **{f"config/{k}": json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in overrides.items()},
+                **{k: m.get(k, math.nan) for k in METRIC_COLUMNS},
+                "n_tasks_trained": n_done,
+                "n_tasks": plan.n_tasks,
+                "trainable_params": m.get("trainable_params"),
+                "peak_memory_mb": m.get("peak_memory_mb"),
+                "wall_time_s": m.get("run_time_s"),
+                "git_sha": sha,
+            }
+        )
+    if unfinished:
+        raise StageInterrupted(
+            f"stage {plan.stage}: {len(unfinished)} trial(s) did not finish ({', '.join(unfinished[:5])}); "
+            f"continue with: mmcl resume {plan.out_dir}"
+        )
+    return rows
+
+
+def _short_error(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    tail = [line for line in text if line.strip()][-3:]
+    return " | ".join(tail)[:2000] or type(err).__name__

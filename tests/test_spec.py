@@ -1,0 +1,88 @@
+"""Study files: every malformed one gets a clear error naming file, key and fix."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mmcl.cli import main
+from mmcl.spec import RunSpec, SpecError, apply_overrides, load_study
+
+from .conftest import REPO, mmcl_cmd
+
+CORPUS = Path(__file__).parent / "malformed"
+
+# file -> fragments the message must contain (besides the file's own path)
+EXPECTED = {
+    "empty.yaml": ["the file is empty"],
+    "list_at_top.yaml": ["expected a mapping", "got a list"],
+    "syntax_error.yaml": ["YAML syntax error at line 5"],
+    "unknown_top_key.yaml": ["stagess: unknown key", "stages: required key is missing"],
+    "unknown_method.yaml": ["run.method.name", "unknown method 'dagrr'", "er, finetune, joint, lwf, zeroshot"],
+    "unknown_method_knob.yaml": ["run.method.config.distil_weight: unknown key"],
+    "space_param_not_in_config.yaml": ["search space 'lwf'", "'method.distill_weight'", "fix: search_spaces/lwf.py"],
+    "unknown_search_space.yaml": ["search_space", "unknown search space 'lwff'", "available:", "lwf"],
+    "bad_stage_kind.yaml": ["stages.0", "'kind' must be one of search, ablation, orders"],
+    "no_stages.yaml": ["stages:", "at least 1 item"],
+    "wrong_type.yaml": ["run.training.lr", "valid number", "'fast'"],
+    "unknown_variant.yaml": ["no ablation variant 'no_graph'", "full, no_distill"],
+    "base_not_earlier.yaml": ["stages[0].base", "'search' is not an earlier stage"],
+    "bad_named_order.yaml": ["named.mine", "each task of the run exactly once"],
+    "negative_samples.yaml": ["stages.0.num_samples", "greater than or equal to 1"],
+    "duplicate_stage.yaml": ["stage name 'a' is used twice"],
+    "bad_override_key.yaml": ["'training.learning_rate' does not name a key of the run block"],
+    "unknown_benchmark.yaml": ["run.benchmark.name", "mtill", "synthetic"],
+}
+
+
+def test_corpus_is_complete():
+    files = sorted(p.name for p in CORPUS.glob("*.yaml"))
+    assert files == sorted(EXPECTED), "every malformed file needs its expected message here"
+    assert len(files) >= 10
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_malformed_study_gives_clear_error(name, capsys):
+    path = CORPUS / name
+    with pytest.raises(SpecError) as err:
+        load_study(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    for fragment in EXPECTED[name]:
+        assert fragment in msg, f"{name}: {fragment!r} not in:\n{msg}"
+    # Through the CLI: the same message, exit status 2, no traceback.
+    assert main(["validate", str(path)]) == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr and EXPECTED[name][0] in stderr
+
+
+def test_cli_subprocess_has_no_traceback():
+    r = subprocess.run(mmcl_cmd("validate", str(CORPUS / "unknown_method.yaml")), capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "unknown method 'dagrr'" in r.stderr
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(SpecError, match="no such study file"):
+        load_study(tmp_path / "nope.yaml")
+    with pytest.raises(SpecError, match="is a directory"):
+        load_study(tmp_path)
+
+
+def test_shipped_studies_validate():
+    for path in sorted((REPO / "studies").glob("*.yaml")):
+        study = load_study(path)
+        assert study.stages, path
+
+
+def test_overrides_are_validated():
+    run = RunSpec(method={"name": "lwf"})
+    new = apply_overrides(run, {"training.lr": 0.5, "method.temperature": 3.0})
+    assert new.training.lr == 0.5 and new.method.config["temperature"] == 3.0
+    assert run.training.lr != 0.5  # the original is untouched
+    with pytest.raises(SpecError, match="greater than 0"):
+        apply_overrides(run, {"training.lr": -1.0})
+    with pytest.raises(SpecError, match="unknown key"):
+        apply_overrides(run, {"method.nonexistent": 1})
