@@ -14,6 +14,7 @@ run resumed from a task boundary produces the same numbers as one that never sto
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -186,40 +187,69 @@ def evaluate(method, tasks, run: RunSpec, device: torch.device, amp_dtype) -> tu
 # --------------------------------------------------------------------------- the loop
 
 
-def run_continual(
-    run: RunSpec,
-    on_task_end: Callable[[TaskEnd], None] | None = None,
-    resume: dict[str, Any] | None = None,
-) -> ContinualResult:
-    """Run (or continue) one continual sequence and return its accuracy matrix.
+@dataclass
+class Prepared:
+    """The parts of a run, built from its spec (what ``run_continual`` trains)."""
 
-    ``resume`` is a ``TaskEnd.state`` from an earlier call with the same ``run``.
-    """
-    from analysis.metrics import matrix_metrics
+    run: RunSpec
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    backbone: Any
+    tasks: list
+    method: Any
+    ctx: Any
+    method_gen: torch.Generator
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+def prepare(run: RunSpec) -> Prepared:
+    """Load the backbone, build the benchmark and set the method up on them."""
     from cl_methods import build_method
     from cl_methods.base import MethodContext
     from mmcl.backbones import load_backbone
     from mmcl.data import build_benchmark
 
-    t_start = time.perf_counter()
     if run.torch_threads:
         torch.set_num_threads(run.torch_threads)
     device = resolve_device(run.device)
-    amp_dtype = _amp_dtype(run.training.amp, device)
     torch.manual_seed(run.seed)
-
     backbone = load_backbone(run.backbone, device)
     bench = build_benchmark(run.benchmark, image_size=backbone.image_size, preprocess=backbone.preprocess)
     tasks = bench.tasks
-    names = [t.name for t in tasks]
-    train_sets = [_TaskTagged(t.train, i) for i, t in enumerate(tasks)]
     method_gen = torch.Generator()
     ctx = MethodContext(
-        tasks=tasks, train_sets=train_sets, device=device, generator=method_gen, templates=run.evaluation.templates
+        tasks=tasks,
+        train_sets=[_TaskTagged(t.train, i) for i, t in enumerate(tasks)],
+        device=device,
+        generator=method_gen,
+        templates=run.evaluation.templates,
     )
     method = build_method(run.method.name, run.method.config)
     method.setup(backbone, run, ctx)
     method.modules.to(device)
+    return Prepared(run, device, _amp_dtype(run.training.amp, device), backbone, tasks, method, ctx, method_gen)
+
+
+def run_continual(
+    run: RunSpec,
+    on_task_end: Callable[[TaskEnd], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    prepared: Prepared | None = None,
+) -> ContinualResult:
+    """Run (or continue) one continual sequence and return its accuracy matrix.
+
+    ``resume`` is a ``TaskEnd.state`` from an earlier call with the same ``run``;
+    ``prepared`` lets a caller keep a handle on the method (tests, benchmarks).
+    """
+    from analysis.metrics import matrix_metrics
+
+    t_start = time.perf_counter()
+    p = prepared or prepare(run)
+    device, amp_dtype, tasks, method, method_gen = p.device, p.amp_dtype, p.tasks, p.method, p.method_gen
+    names = p.task_names
 
     rows: list[list[float]] = []
     sizes: dict[str, int] = {}
@@ -240,7 +270,9 @@ def run_continual(
     optimizer = None
 
     def emit(step: int, t0: float, curves: list[dict]) -> None:
-        state = {
+        # A snapshot, not references: optimizer and module state dicts hand out the live
+        # tensors, which the next task would keep changing under the caller.
+        state = copy.deepcopy({
             "version": STATE_VERSION,
             "task_names": names,
             "completed": step,
@@ -249,7 +281,7 @@ def run_continual(
             "method": method.state_dict(),
             "optimizer": optimizer.state_dict() if (optimizer is not None and not run.training.reset_optimizer) else None,
             "rng": {"torch": torch.get_rng_state(), "method": method_gen.get_state()},
-        }
+        })
         if on_task_end is None:
             return
         mat = np.asarray(rows, dtype=float)
@@ -343,7 +375,7 @@ def _train_task(method, optimizer, t: int, task_name: str, run: RunSpec, device,
             if not torch.isfinite(loss):
                 bad = [k for k, v in terms.items() if not torch.isfinite(v)]
                 raise NonFiniteLossError(
-                    f"loss became {float(loss)} at task {t} ({task_name}), step {step}; "
+                    f"loss became {float(loss.detach())} at task {t} ({task_name}), step {step}; "
                     f"non-finite terms: {', '.join(bad)} (lower training.lr or check the method's weights)"
                 )
             scaler.scale(loss).backward()

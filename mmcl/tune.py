@@ -130,6 +130,7 @@ def _trial(config: dict[str, Any], plan_json: str) -> None:
         with ckpt.as_directory() as d:
             saved = torch.load(Path(d) / "state.pt", weights_only=False)
         resume, elapsed = saved["engine"], saved["elapsed_s"]
+    resumed_from = resume["completed"] if resume else -1
     t_start = time.perf_counter()
     last: dict[str, Any] = {}
 
@@ -148,6 +149,8 @@ def _trial(config: dict[str, Any], plan_json: str) -> None:
             "trainable_params": end.trainable_params,
             "peak_memory_mb": end.peak_memory_mb,
             "run_time_s": elapsed + time.perf_counter() - t_start,
+            # -1 for a trial that never restarted; else the task its checkpoint held.
+            "resumed_from_task": resumed_from,
         }
         last.clear()
         last.update(metrics)
@@ -288,6 +291,7 @@ def _trial_rows(plan: StagePlan, grid) -> list[dict[str, Any]]:
                 "trainable_params": m.get("trainable_params"),
                 "peak_memory_mb": m.get("peak_memory_mb"),
                 "wall_time_s": m.get("run_time_s"),
+                "resumed_from_task": m.get("resumed_from_task", -1),
                 "git_sha": sha,
             }
         )

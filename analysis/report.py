@@ -1,0 +1,152 @@
+"""Markdown report of a results directory (``mmcl report DIR`` prints it, writes DIR/report.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from analysis.tables import (
+    ablation_table,
+    fmt_pct,
+    order_breakdown,
+    order_robustness,
+    search_leaderboard,
+    summary_table,
+)
+
+if TYPE_CHECKING:
+    from analysis import Results
+
+REPORT_NAME = "report.md"
+
+
+def _cell(x: object) -> str:
+    if x is None or (not isinstance(x, (tuple, list, str)) and bool(pd.isna(x))):
+        return "–"
+    if isinstance(x, float):
+        # General format keeps tiny hyperparameters (lr 1e-05) readable; percent columns
+        # arrive already rounded to one decimal.
+        return f"{x:.6g}"
+    if isinstance(x, tuple):
+        return " / ".join(_cell(v) for v in x)
+    # Pipes would split the cell in Markdown.
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(df: pd.DataFrame, index: bool = False) -> str:
+    """A GitHub-flavoured Markdown table (tabulate is not a dependency)."""
+    if index:
+        df = df.reset_index()
+    headers = [_cell(c) for c in df.columns]
+    rows = [[_cell(v) for v in rec] for rec in df.itertuples(index=False, name=None)]
+    numeric = [pd.api.types.is_numeric_dtype(df[c]) for c in df.columns] if len(df.columns) else []
+    sep = ["---:" if num else "---" for num in numeric]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+PERCENT_COLUMNS: frozenset[str] = frozenset(
+    {"avg", "last", "transfer", "bwt", "fwt", "faa", "faa_weighted", "forgetting", "acc_seen"}
+)
+
+
+def _pct(df: pd.DataFrame) -> pd.DataFrame:
+    """Percent columns as one-decimal strings (so 50 prints as 50.0), others untouched."""
+    out = df.copy()
+    for c in out.columns:
+        name = str(c).removeprefix("best_").removeprefix("mean_")
+        if name in PERCENT_COLUMNS and pd.api.types.is_numeric_dtype(out[c]):
+            out[c] = [fmt_pct(v) for v in out[c]]
+    return out
+
+
+def _section(title: str, body: str, level: int = 2) -> list[str]:
+    return ["#" * level + " " + title, "", body, ""]
+
+
+def _or_none(df: pd.DataFrame, index: bool, what: str) -> str:
+    return markdown_table(df, index=index) if len(df) else f"_No {what}._"
+
+
+def _best_trial(df: pd.DataFrame) -> pd.Series | None:
+    done = df[(df["status"] == "completed") & df["avg"].notna()]
+    if done.empty:
+        return None
+    return done.loc[done["avg"].astype(float).idxmax()]
+
+
+def accuracy_matrix(results: Results, stage: str, trial_id: str) -> pd.DataFrame:
+    """Rows = step (0 = zero-shot), columns = eval tasks in training order, one decimal."""
+    acc = results.accuracy
+    g = acc[(acc["stage"] == stage) & (acc["trial_id"] == trial_id)]
+    if g.empty:
+        return pd.DataFrame()
+    order = g.sort_values("eval_position", kind="stable").drop_duplicates("eval_task")["eval_task"].tolist()
+    mat = g.pivot_table(index="step", columns="eval_task", values="value", aggfunc="last").reindex(columns=order)
+    trained = g.drop_duplicates("step").set_index("step")["trained_task"].reindex(mat.index)
+    out = pd.DataFrame({"step": mat.index.astype(int), "trained": trained.fillna("").replace("", "(zero-shot)")})
+    for task in order:
+        out[task] = [fmt_pct(v) for v in mat[task]]
+    return out.reset_index(drop=True)
+
+
+def _stages(res: Results) -> list:
+    m = res.metrics()
+    return list(pd.unique(m["stage"].dropna())) if len(m) else []
+
+
+def build_report(path: str | Path) -> str:
+    """The whole report as Markdown: summary, leaderboards, ablations, orders, best matrices."""
+    import analysis
+
+    res = analysis.load(path)
+    metrics = res.metrics()
+    lines = [f"# Study report: {res.study}", "", f"Results directory: `{res.path}`", ""]
+    if metrics.empty:
+        lines += ["_No trials recorded yet._", ""]
+        return "\n".join(lines)
+
+    lines += _section("Summary (Avg / Last / Transfer / BWT per stage)", markdown_table(_pct(summary_table(res))))
+
+    search_stages = list(pd.unique(metrics.loc[metrics["variant"] == "search", "stage"]))
+    for st in search_stages:
+        lines += _section(f"Search leaderboard: {st}", _or_none(_pct(search_leaderboard(res, stage=st)), False, "trials"))
+
+    ablation = ablation_table(res)
+    if len(ablation):
+        lines += _section("Ablations (mean ± std over seeds)", markdown_table(ablation, index=True))
+
+    robust = order_robustness(res)
+    if len(robust):
+        parts = [markdown_table(robust, index=True)]
+        for st in robust.index:
+            parts += ["", f"Per order, {st}:", "", markdown_table(order_breakdown(res, st), index=True)]
+        lines += _section("Task-order robustness (mean ± std over orders and seeds)", "\n".join(parts))
+
+    lines += ["## Accuracy matrix of the best completed trial per stage", ""]
+    for st in _stages(res):
+        best = _best_trial(metrics[metrics["stage"] == st])
+        if best is None:
+            lines += [f"### {st}", "", "_No completed trial._", ""]
+            continue
+        mat = accuracy_matrix(res, st, str(best["trial_id"]))
+        head = f"### {st}: {best['trial_id']} (variant {best['variant']}, avg {fmt_pct(best['avg'])})"
+        lines += [head, "", _or_none(mat, False, "accuracy rows"), ""]
+    return "\n".join(lines)
+
+
+def write_report(path: str | Path) -> Path:
+    """Write :func:`build_report` to ``DIR/report.md`` and return that path."""
+    out = Path(path) / REPORT_NAME
+    text = build_report(path)
+    tmp = out.with_name(f".{REPORT_NAME}.tmp")
+    tmp.write_text(text + "\n")
+    tmp.replace(out)
+    return out
+
+
+__all__: Sequence[str] = ["build_report", "write_report", "markdown_table", "accuracy_matrix"]

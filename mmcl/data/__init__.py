@@ -1,0 +1,170 @@
+"""Benchmarks by name: ``build_benchmark(spec)`` and ``benchmark_task_names(spec)``.
+
+A benchmark registers a builder (see :class:`mmcl.data.base.BenchmarkBuilder`) and the
+list of its task names in the default order; the names are known without generating or
+reading any data, so a study can be validated before anything heavy runs. Built
+benchmarks are cached in-process by (name, options, image size): every trial of a study
+running in one worker process builds the data once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pydantic import BaseModel, ValidationError
+
+from mmcl.data.base import Benchmark, BenchmarkBuilder, Task, TensorTaskDataset
+from mmcl.spec import BenchmarkSpec, SpecError
+
+__all__ = [
+    "Benchmark",
+    "Task",
+    "TensorTaskDataset",
+    "build_benchmark",
+    "benchmark_task_names",
+    "register_benchmark",
+    "registered_benchmarks",
+]
+
+DEFAULT_IMAGE_SIZE = 32
+
+
+@dataclass(frozen=True)
+class _Entry:
+    builder: BenchmarkBuilder
+    # Default task names, without building anything.
+    task_names: Callable[[dict[str, Any]], list[str]]
+    # Validates options early (a pydantic model with extra="forbid"), or None.
+    options_model: type[BaseModel] | None = None
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_benchmark(
+    name: str,
+    builder: BenchmarkBuilder,
+    task_names: Callable[[dict[str, Any]], list[str]],
+    options_model: type[BaseModel] | None = None,
+) -> None:
+    """Make ``name`` usable as ``run.benchmark.name``."""
+    _REGISTRY[name] = _Entry(builder, task_names, options_model)
+
+
+def _ensure_builtin() -> None:
+    # Registered lazily so importing mmcl.data does not import the generators.
+    if "synthetic" in _REGISTRY:
+        return
+    from mmcl.data import synthetic
+
+    register_benchmark(
+        "synthetic", synthetic.build_synthetic, lambda _opts: list(synthetic.TASK_NAMES), synthetic.SyntheticOptions
+    )
+
+
+def registered_benchmarks() -> list[str]:
+    _ensure_builtin()
+    return sorted(_REGISTRY)
+
+
+def _entry(spec: BenchmarkSpec) -> _Entry:
+    _ensure_builtin()
+    try:
+        return _REGISTRY[spec.name]
+    except KeyError:
+        raise SpecError(
+            f"run.benchmark.name: unknown benchmark {spec.name!r}; registered benchmarks: "
+            f"{', '.join(registered_benchmarks())}"
+        ) from None
+
+
+def _check_options(entry: _Entry, options: dict[str, Any]) -> None:
+    if entry.options_model is None:
+        return
+    try:
+        entry.options_model.model_validate(options)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(x) for x in err["loc"])
+            msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
+            if err["type"] != "extra_forbidden" and "input" in err:
+                msg = f"{msg} (got {err['input']!r})"
+            lines.append(f"run.benchmark.options.{key}: {msg}")
+        if entry.options_model is not None:
+            lines.append(f"  valid options: {', '.join(entry.options_model.model_fields)}")
+        raise SpecError("\n".join(lines)) from None
+
+
+def benchmark_task_names(spec: BenchmarkSpec) -> list[str]:
+    """The benchmark's task names in its DEFAULT order (``spec.order`` is not applied)."""
+    entry = _entry(spec)
+    _check_options(entry, spec.options)
+    return entry.task_names(spec.options)
+
+
+def _apply_order(bench: Benchmark, spec: BenchmarkSpec) -> Benchmark:
+    tasks = list(bench.tasks)
+    if spec.order is not None:
+        by_name = {t.name: t for t in tasks}
+        dup = sorted({n for n in spec.order if spec.order.count(n) > 1})
+        if dup:
+            raise SpecError(f"run.benchmark.order: task names must be distinct; repeated: {', '.join(dup)}")
+        unknown = [n for n in spec.order if n not in by_name]
+        if unknown:
+            raise SpecError(
+                f"run.benchmark.order: unknown task(s) {', '.join(map(repr, unknown))} for benchmark "
+                f"{spec.name!r}; valid names: {', '.join(by_name)}"
+            )
+        if not spec.order:
+            raise SpecError("run.benchmark.order: is empty; list task names or leave it out")
+        tasks = [by_name[n] for n in spec.order]
+    if spec.num_tasks is not None:
+        if spec.num_tasks > len(tasks):
+            raise SpecError(
+                f"run.benchmark.num_tasks: {spec.num_tasks} but the benchmark (in this order) has "
+                f"{len(tasks)} tasks"
+            )
+        tasks = tasks[: spec.num_tasks]
+    return Benchmark(bench.name, tasks)
+
+
+# Small LRU of built benchmarks: (name, options json, image size) -> Benchmark.
+_CACHE: OrderedDict[tuple[str, str, int], Benchmark] = OrderedDict()
+_CACHE_SIZE = 4
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def build_benchmark(spec: BenchmarkSpec, image_size: int | None = None, preprocess: Any = None) -> Benchmark:
+    """Build (or fetch from the in-process cache) the tasks of ``spec`` in training order.
+
+    ``image_size`` is the backbone's input size (None: the benchmark's default);
+    ``preprocess`` is the backbone's image transform, for benchmarks read from files
+    (generated benchmarks produce normalised tensors directly and ignore it).
+    """
+    del preprocess  # generated data is already in the model's input format
+    entry = _entry(spec)
+    _check_options(entry, spec.options)
+    opt_size = spec.options.get("image_size")
+    if opt_size is not None and image_size is not None and int(opt_size) != int(image_size):
+        raise SpecError(
+            f"run.benchmark.options.image_size: {opt_size} but the backbone takes {image_size}-pixel images; "
+            "leave it out to use the backbone's size"
+        )
+    size = int(image_size or opt_size or DEFAULT_IMAGE_SIZE)
+    key = (spec.name, json.dumps(spec.options, sort_keys=True, default=str), size)
+    bench = _CACHE.get(key)
+    if bench is None:
+        bench = entry.builder(dict(spec.options), size, 0)
+        _CACHE[key] = bench
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return _apply_order(bench, spec)

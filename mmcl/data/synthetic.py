@@ -1,0 +1,489 @@
+"""``synthetic``: an offline, generated stand-in for MTIL-style benchmarks.
+
+Every image is a small scene: one to four objects of one shape and one colour, drawn
+over a patterned background. A scene has six factors: shape, colour, background
+pattern, object count, object size and position. Each task labels ONE factor and draws
+its images from its own visual *domain* (background style, palette, noise, blur,
+contrast, pixelation, inversion), so tasks differ both in what a label means and in
+what the pixels look like, as the datasets of MTIL do.
+
+Why tasks forget: every task's images vary in all factors, but each task's loss only
+rewards one of them. Fine-tuning the image tower on "colors" makes the features
+invariant to shape, count ... so the text heads of earlier tasks stop matching.
+
+A separate *base* distribution (neutral domain, every factor random, captions naming a
+random subset of factors such as "two red circles on a striped background") is what the
+tiny CLIP is pretrained on (:mod:`mmcl.backbones.pretrain`), so the pretrained model
+recognises every task's concepts zero-shot while each task's domain is still a shift.
+
+Everything is generated with torch on the CPU from explicit generators: the same
+options give bit-identical tensors, and the whole default benchmark takes about a second.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from mmcl.data.base import Benchmark, Task, TensorTaskDataset
+
+# Bump whenever rendering, captions or task definitions change: the pretrained-weights
+# cache key includes it, so a stale checkpoint is never reused with new data.
+GENERATOR_VERSION = "synthetic-v1"
+
+# open_clip's OPENAI_DATASET_MEAN / STD (copied: importing open_clip here would make
+# building data depend on it and cost an import).
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# --------------------------------------------------------------------------- factors
+
+SHAPES = ["circle", "square", "triangle", "cross", "ring", "diamond"]
+SHAPE_PLURALS = ["circles", "squares", "triangles", "crosses", "rings", "diamonds"]
+COLORS = ["red", "green", "blue", "yellow", "magenta", "cyan"]
+COLOR_RGB = [
+    (0.90, 0.15, 0.15),
+    (0.15, 0.80, 0.20),
+    (0.15, 0.30, 0.95),
+    (0.95, 0.90, 0.15),
+    (0.90, 0.20, 0.90),
+    (0.10, 0.85, 0.90),
+]
+PATTERNS = ["plain", "striped", "checkered", "dotted"]
+COUNTS = ["one", "two", "three", "four"]
+SIZES = ["tiny", "small", "large", "huge"]
+# Radii in pixels of a 32-pixel image (scaled with the image size).
+SIZE_RADII = [3.0, 5.0, 8.0, 11.0]
+MULTI_RADIUS = 4.0  # objects of a multi-object scene share one size
+# Quadrant order matches POSITIONS; index 4 is the centre (no task labels it).
+POSITIONS = ["top left", "top right", "bottom left", "bottom right"]
+CENTER = 4
+QUADRANT_XY = [(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)]
+
+FACTOR_VALUES: dict[str, list[str]] = {
+    "shape": SHAPES,
+    "color": COLORS,
+    "pattern": PATTERNS,
+    "position": POSITIONS,
+    "count": COUNTS,
+    "size": SIZES,
+}
+
+
+@dataclass(frozen=True)
+class Domain:
+    """How a task's pixels look. Applied after the scene is drawn."""
+
+    description: str
+    bg: tuple[float, float, float]  # background base colour
+    bg_jitter: float  # per-image brightness jitter of the background
+    pattern_amp: float  # contrast of the background pattern
+    noise: float  # std of additive Gaussian pixel noise
+    blur: float  # Gaussian blur sigma in pixels (0 = none)
+    contrast: float = 1.0  # global contrast around mid-grey
+    saturation: float = 1.0  # 0 = greyscale
+    tint: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    pixelate: int = 1  # block size of a down/up-sampling (1 = none)
+    invert: bool = False
+
+
+BASE_DOMAIN = Domain("neutral grey background, light noise", (0.5, 0.5, 0.5), 0.12, 0.15, 0.03, 0.0)
+
+
+@dataclass(frozen=True)
+class TaskDef:
+    name: str
+    factor: str  # which scene factor is the label
+    templates: tuple[str, ...]
+    domain: Domain
+
+
+TASKS: tuple[TaskDef, ...] = (
+    TaskDef(
+        "shapes",
+        "shape",
+        ("a photo of a {}.", "a {} in the dark.", "a drawing of a {}."),
+        Domain("night: dark blue background, cold tint, noise", (0.10, 0.12, 0.22), 0.04, 0.08, 0.06, 0.0,
+               tint=(0.8, 0.9, 1.15)),
+    ),
+    TaskDef(
+        "colors",
+        "color",
+        ("a photo of something {}.", "a {} object.", "the color {}."),
+        Domain("paper: warm light background, soft blur, low contrast", (0.92, 0.87, 0.74), 0.04, 0.10, 0.02,
+               0.8, contrast=0.85),
+    ),
+    TaskDef(
+        "patterns",
+        "pattern",
+        ("a shape on a {} background.", "a {} texture.", "a photo with a {} background."),
+        Domain("negative: inverted colours, strong pattern", (0.45, 0.45, 0.45), 0.10, 0.30, 0.04, 0.0,
+               invert=True),
+    ),
+    TaskDef(
+        "positions",
+        "position",
+        ("an object in the {}.", "a shape in the {} corner.", "a photo of something in the {}."),
+        Domain("noisy: heavy sensor noise, washed-out contrast", (0.40, 0.40, 0.40), 0.08, 0.12, 0.16, 0.0,
+               contrast=0.7),
+    ),
+    TaskDef(
+        "counts",
+        "count",
+        ("a photo of {} objects.", "{} shapes.", "a picture showing {} things."),
+        Domain("sepia: near-greyscale, dark background, slight blur", (0.08, 0.08, 0.08), 0.04, 0.06, 0.03, 0.5,
+               saturation=0.1, tint=(1.12, 1.0, 0.78)),
+    ),
+    TaskDef(
+        "sizes",
+        "size",
+        ("a {} object.", "a photo of a {} shape.", "something {}."),
+        Domain("pixelated: green-tinted, 2x2 blocks, high contrast", (0.55, 0.68, 0.52), 0.06, 0.12, 0.03, 0.0,
+               contrast=1.25, pixelate=2),
+    ),
+)
+
+TASK_NAMES: list[str] = [t.name for t in TASKS]
+
+
+class SyntheticOptions(BaseModel):
+    """``run.benchmark.options`` of the ``synthetic`` benchmark."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_train_per_class: int = Field(default=80, ge=1)
+    n_test_per_class: int = Field(default=40, ge=1)
+    # Seed of the generated images; independent of the run's (trial's) seed so that every
+    # trial of a study sees the same data.
+    data_seed: int = 0
+    # None = the backbone's input size (32 for the tiny CLIP).
+    image_size: int | None = Field(default=None, ge=8)
+
+
+# --------------------------------------------------------------------------- scenes
+
+
+@dataclass
+class Scenes:
+    """Factor indices of N scenes (all LongTensor[N])."""
+
+    shape: torch.Tensor
+    color: torch.Tensor
+    pattern: torch.Tensor
+    count: torch.Tensor  # number of objects minus one (index into COUNTS)
+    size: torch.Tensor  # index into SIZES; -1 when several objects (they use MULTI_RADIUS)
+    position: torch.Tensor  # quadrant index, CENTER, or -1 when several objects
+
+    def __len__(self) -> int:
+        return len(self.shape)
+
+
+def _randint(g: torch.Generator, high: int, n: int) -> torch.Tensor:
+    return torch.randint(0, high, (n,), generator=g)
+
+
+def sample_scenes(g: torch.Generator, n: int, factor: str | None = None, labels: torch.Tensor | None = None) -> Scenes:
+    """Random scenes; when ``factor`` is given, that factor takes the values ``labels``.
+
+    The constraints keep every scene renderable in 32 pixels: several objects are small
+    and sit in distinct quadrants; a single object in a quadrant is at most "large";
+    a "huge" object is centred.
+    """
+    shape = _randint(g, len(SHAPES), n)
+    color = _randint(g, len(COLORS), n)
+    pattern = _randint(g, len(PATTERNS), n)
+    count = _randint(g, len(COUNTS), n)
+    if factor in ("position", "size", "shape"):
+        count = torch.zeros(n, dtype=torch.long)  # these labels are about a single object
+    if factor == "count":
+        count = labels.clone()
+    single = count == 0
+    # Single objects: centred (any size) or in a quadrant (tiny .. large).
+    position = torch.where(torch.rand(n, generator=g) < 0.4, torch.full((n,), CENTER), _randint(g, 4, n))
+    size = _randint(g, len(SIZES), n)
+    if factor == "position":
+        position = labels.clone()
+    if factor == "size":
+        size = labels.clone()
+        position = torch.where(size == 3, torch.full((n,), CENTER), position)
+    size = torch.where((position != CENTER) & (size == 3), _randint(g, 3, n), size)
+    position = torch.where(single, position, torch.full((n,), -1))
+    size = torch.where(single, size, torch.full((n,), -1))
+    if factor == "shape":
+        shape = labels.clone()
+    elif factor == "color":
+        color = labels.clone()
+    elif factor == "pattern":
+        pattern = labels.clone()
+    return Scenes(shape, color, pattern, count, size, position)
+
+
+def _shape_mask(shape: int, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Inside-mask (float) of one shape at offsets normalised by the object's radius."""
+    ax, ay = dx.abs(), dy.abs()
+    if shape == 0:  # circle
+        m = dx * dx + dy * dy <= 1.0
+    elif shape == 1:  # square
+        m = torch.maximum(ax, ay) <= 0.82
+    elif shape == 2:  # upward triangle: apex at dy=-1, base at dy=0.85
+        m = (dy >= -1.0) & (dy <= 0.85) & (ax <= (dy + 1.0) * 0.55)
+    elif shape == 3:  # cross
+        m = ((ax <= 0.3) & (ay <= 1.0)) | ((ay <= 0.3) & (ax <= 1.0))
+    elif shape == 4:  # ring
+        r2 = dx * dx + dy * dy
+        m = (r2 <= 1.0) & (r2 >= 0.36)
+    else:  # diamond
+        m = ax + ay <= 1.05
+    return m.float()
+
+
+def _background(g: torch.Generator, pattern: torch.Tensor, size: int) -> torch.Tensor:
+    """Pattern intensity in [-1, 1], [N, S, S], with random period / phase / orientation."""
+    n = len(pattern)
+    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    scale = size / 32.0
+    period = (torch.rand(n, generator=g) * 4.0 + 5.0)[:, None, None] * scale
+    phase_x = torch.rand(n, generator=g)[:, None, None] * period
+    phase_y = torch.rand(n, generator=g)[:, None, None] * period
+    u = (xs[None] + phase_x) / period
+    v = (ys[None] + phase_y) / period
+    vertical = (torch.rand(n, generator=g) < 0.5)[:, None, None]
+    stripes = torch.where(vertical, torch.sin(2 * math.pi * u), torch.sin(2 * math.pi * v)).sign()
+    checks = (torch.floor(u) + torch.floor(v)).remainder(2) * 2 - 1
+    du, dv = u - torch.floor(u) - 0.5, v - torch.floor(v) - 0.5
+    dots = ((du * du + dv * dv) <= 0.09).float() * 2 - 1
+    plain = torch.zeros_like(stripes)
+    all_p = torch.stack([plain, stripes, checks, dots], 1)  # [N, 4, S, S]
+    return all_p.gather(1, pattern[:, None, None, None].expand(n, 1, size, size))[:, 0]
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(2.5 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(t * t) / (2 * sigma * sigma))
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread for the duration (restored afterwards).
+
+    Rendering is many small element-wise ops: with two threads on a busy 2-core machine
+    (another trial training beside us) OpenMP's barriers make it ~40x slower, and one
+    thread is as fast as two on an idle one.
+    """
+    old = torch.get_num_threads()
+    if old == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def render(scenes: Scenes, domain: Domain, g: torch.Generator, image_size: int = 32, jitter_domain: bool = False) -> torch.Tensor:
+    """Draw scenes in a domain; returns RGB in [0, 1], FloatTensor[N, 3, S, S].
+
+    ``jitter_domain`` randomises background colour, noise and blur per image (used for
+    pretraining so the model is not tied to one exact look, as web-scale data is not).
+    """
+    n = len(scenes)
+    # Draw at twice the resolution and average down: anti-aliased edges.
+    ss = 2
+    big = image_size * ss
+    px = image_size / 32.0  # pixel unit of the 32-pixel design
+    ys, xs = torch.meshgrid(
+        (torch.arange(big, dtype=torch.float32) + 0.5) / ss, (torch.arange(big, dtype=torch.float32) + 0.5) / ss, indexing="ij"
+    )
+
+    # Object centres and radii per slot (4 quadrant slots; a single object uses slot 0).
+    radius = torch.where(scenes.size >= 0, torch.tensor(SIZE_RADII)[scenes.size.clamp(min=0)], torch.full((n,), MULTI_RADIUS))
+    radius = radius * (1.0 + 0.12 * (torch.rand(n, generator=g) * 2 - 1)) * px
+    quad = torch.tensor(QUADRANT_XY) * image_size  # [4, 2]
+    jit = (torch.rand(n, 4, 2, generator=g) * 2 - 1) * 2.0 * px
+    centres = quad[None].expand(n, 4, 2) + jit  # [N, 4, 2]
+    # Slot occupancy: several objects take a random subset of quadrants.
+    order = torch.argsort(torch.rand(n, 4, generator=g), dim=1)
+    present = order < (scenes.count + 1)[:, None]
+    single = scenes.count == 0
+    pos = scenes.position.clamp(min=0)
+    centre_single = torch.where(
+        (scenes.position == CENTER)[:, None],
+        torch.full((n, 2), image_size / 2.0) + (torch.rand(n, 2, generator=g) * 2 - 1) * 3.0 * px,
+        quad[pos.clamp(max=3)] + (torch.rand(n, 2, generator=g) * 2 - 1) * 1.5 * px,
+    )
+    # Keep a single object inside the frame.
+    lo = radius[:, None] * 0.9
+    centre_single = torch.minimum(torch.maximum(centre_single, lo), image_size - lo)
+    centres[:, 0] = torch.where(single[:, None], centre_single, centres[:, 0])
+    present[:, 1:] &= ~single[:, None]
+    present[:, 0] |= single
+
+    mask = torch.zeros(n, big, big)
+    # Only the objects that exist, one shape at a time: drawing every shape for every slot
+    # and selecting afterwards costs ~20x more (the benchmark must build in about a second).
+    for k in range(4):
+        for s in range(len(SHAPES)):
+            idx = torch.nonzero(present[:, k] & (scenes.shape == s)).flatten()
+            if len(idx) == 0:
+                continue
+            r = radius[idx, None, None]
+            dx = (xs[None] - centres[idx, k, 0, None, None]) / r
+            dy = (ys[None] - centres[idx, k, 1, None, None]) / r
+            mask[idx] = torch.maximum(mask[idx], _shape_mask(s, dx, dy))
+    mask = F.avg_pool2d(mask[:, None], ss)  # [N, 1, S, S]
+
+    # Background: base colour with per-image brightness jitter and the pattern.
+    bg = torch.tensor(domain.bg)[None, :, None, None].expand(n, 3, 1, 1).clone()
+    amp, noise, blur = domain.pattern_amp, torch.full((n, 1, 1, 1), domain.noise), domain.blur
+    if jitter_domain:
+        bg = (torch.rand(n, 1, 1, 1, generator=g) * 0.6 + 0.2) + (torch.rand(n, 3, 1, 1, generator=g) - 0.5) * 0.2
+        noise = torch.rand(n, 1, 1, 1, generator=g) * 0.08
+    bg = bg + (torch.rand(n, 1, 1, 1, generator=g) * 2 - 1) * domain.bg_jitter
+    pat = _background(g, scenes.pattern, image_size)[:, None]
+    # Pattern brightens on dark backgrounds and darkens on light ones, so it stays visible.
+    sign = torch.where(bg.mean(1, keepdim=True) < 0.5, 1.0, -1.0)
+    bgimg = bg + sign * amp * (pat + 1) / 2
+
+    rgb = torch.tensor(COLOR_RGB)[scenes.color][:, :, None, None]
+    rgb = rgb + (torch.rand(n, 3, 1, 1, generator=g) - 0.5) * 0.1
+    img = bgimg * (1 - mask) + rgb * mask
+
+    # Domain look.
+    if domain.invert:
+        img = 1 - img
+    if domain.saturation != 1.0:
+        grey = (img * torch.tensor([0.299, 0.587, 0.114])[None, :, None, None]).sum(1, keepdim=True)
+        img = grey + domain.saturation * (img - grey)
+    img = img * torch.tensor(domain.tint)[None, :, None, None]
+    img = (img - 0.5) * domain.contrast + 0.5
+    if jitter_domain:
+        # Half of the pretraining images get a mild blur.
+        soft = _gaussian_blur(img, 0.6)
+        img = torch.where((torch.rand(n, 1, 1, 1, generator=g) < 0.3), soft, img)
+    elif blur > 0:
+        img = _gaussian_blur(img, blur * px)
+    if domain.pixelate > 1:
+        p = domain.pixelate
+        img = F.interpolate(F.avg_pool2d(img, p), scale_factor=p, mode="nearest")
+    img = img + noise * torch.randn(img.shape, generator=g)
+    return img.clamp(0, 1)
+
+
+def normalize(img: torch.Tensor) -> torch.Tensor:
+    """[0, 1] RGB -> CLIP input (OPENAI mean / std), what open_clip's preprocess produces."""
+    mean = torch.tensor(OPENAI_MEAN)[None, :, None, None]
+    std = torch.tensor(OPENAI_STD)[None, :, None, None]
+    return (img - mean) / std
+
+
+# --------------------------------------------------------------------------- captions
+
+
+def caption(scenes: Scenes, i: int, g: torch.Generator) -> str:
+    """A caption naming a random non-empty subset of scene ``i``'s factors."""
+    keep = torch.rand(6, generator=g) < 0.5
+    if not bool(keep.any()):
+        keep[int(torch.randint(0, 6, (1,), generator=g))] = True
+    k_shape, k_color, k_pattern, k_count, k_size, k_pos = (bool(x) for x in keep)
+    count = int(scenes.count[i])
+    size, pos = int(scenes.size[i]), int(scenes.position[i])
+    words: list[str] = []
+    if k_count:
+        words.append(COUNTS[count])
+    elif count == 0:
+        words.append("a")
+    else:
+        words.append("some")
+    if k_size and size >= 0:
+        words.append(SIZES[size])
+    if k_color:
+        words.append(COLORS[int(scenes.color[i])])
+    shape = int(scenes.shape[i])
+    if k_shape:
+        words.append(SHAPES[shape] if count == 0 else SHAPE_PLURALS[shape])
+    else:
+        noun = ["object", "shape", "thing"][int(torch.randint(0, 3, (1,), generator=g))]
+        words.append(noun if count == 0 else noun + "s")
+    if k_pos and pos >= 0:
+        words.append("in the center" if pos == CENTER else f"in the {POSITIONS[pos]}")
+    if k_pattern:
+        words.append(f"on a {PATTERNS[int(scenes.pattern[i])]} background")
+    prefix = ["", "a photo of ", "an image of ", "a picture of "][int(torch.randint(0, 4, (1,), generator=g))]
+    text = prefix + " ".join(words)
+    # "a photo of a" reads better than "a photo of one" half of the time, as on the web.
+    return text + "."
+
+
+def pretraining_batch(g: torch.Generator, n: int, image_size: int = 32) -> tuple[torch.Tensor, list[str]]:
+    """N normalised base-domain images and their captions (fresh samples every call)."""
+    with single_thread():
+        scenes = sample_scenes(g, n)
+        images = normalize(render(scenes, BASE_DOMAIN, g, image_size, jitter_domain=True))
+    return images, [caption(scenes, i, g) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def _split(tdef: TaskDef, n_per_class: int, g: torch.Generator, image_size: int) -> TensorTaskDataset:
+    n_classes = len(FACTOR_VALUES[tdef.factor])
+    labels = torch.arange(n_classes).repeat_interleave(n_per_class)
+    labels = labels[torch.randperm(len(labels), generator=g)]
+    scenes = sample_scenes(g, len(labels), tdef.factor, labels)
+    images = normalize(render(scenes, tdef.domain, g, image_size))
+    return TensorTaskDataset(images.contiguous(), labels)
+
+
+def build_synthetic(options: dict, image_size: int, seed: int) -> Benchmark:
+    """Builder of the ``synthetic`` benchmark (see :class:`SyntheticOptions`).
+
+    ``seed`` is the caller's data seed; ``options["data_seed"]`` is added to it, so the
+    default (0) keeps the caller's choice.
+    """
+    opts = SyntheticOptions.model_validate(options)
+    size = opts.image_size or image_size
+    tasks = []
+    for ti, tdef in enumerate(TASKS):
+        # One stream per (task, split): changing one task's sizes never changes another's.
+        g_train = torch.Generator().manual_seed(hash_seed(seed + opts.data_seed, ti, 0))
+        g_test = torch.Generator().manual_seed(hash_seed(seed + opts.data_seed, ti, 1))
+        with single_thread():
+            train = _split(tdef, opts.n_train_per_class, g_train, size)
+            test = _split(tdef, opts.n_test_per_class, g_test, size)
+        tasks.append(
+            Task(
+                name=tdef.name,
+                classnames=list(FACTOR_VALUES[tdef.factor]),
+                templates=list(tdef.templates),
+                train=train,
+                test=test,
+                info={
+                    "factor": tdef.factor,
+                    "domain": tdef.domain.description,
+                    "n_train": len(train),
+                    "n_test": len(test),
+                    "image_size": size,
+                },
+            )
+        )
+    return Benchmark("synthetic", tasks)
+
+
+def hash_seed(*parts: int) -> int:
+    """A stable seed from integers (Python's hash() is randomised per process)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h & ((1 << 63) - 1)

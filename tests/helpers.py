@@ -1,0 +1,57 @@
+"""Small builders the tests share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmcl.spec import RunSpec
+
+
+def tiny_run(
+    method: str = "finetune",
+    config: dict[str, Any] | None = None,
+    num_tasks: int = 2,
+    pretrained: str | None = None,
+    steps: int = 3,
+    seed: int = 0,
+    **training: Any,
+) -> RunSpec:
+    """A run of seconds: the tiny CLIP (random init unless ``pretrained``), a few
+    samples per class, a few optimisation steps per task, one CPU thread."""
+    return RunSpec.model_validate(
+        {
+            "seed": seed,
+            "device": "cpu",
+            "torch_threads": 1,
+            "backbone": {"model": "mmcl-tiny-clip", "pretrained": pretrained},
+            "benchmark": {
+                "name": "synthetic",
+                "num_tasks": num_tasks,
+                "options": {"n_train_per_class": 8, "n_test_per_class": 4},
+            },
+            "method": {"name": method, "config": config or {}},
+            "training": {"batch_size": 8, "max_steps": steps, "log_every": 1, "lr": 1e-3, **training},
+            "evaluation": {"batch_size": 64},
+        }
+    )
+
+
+def tiny_study(path, stages: list[dict], name: str = "tiny", method: str = "finetune", config=None,
+               num_tasks: int = 3, steps: int = 3, max_concurrent: int = 2, max_failures: int = 2) -> "Path":
+    """Write a study YAML whose trials take seconds (random-init tiny CLIP)."""
+    from pathlib import Path
+
+    import yaml
+
+    run = tiny_run(method, config, num_tasks=num_tasks, steps=steps).model_dump(mode="json")
+    study = {
+        "name": name,
+        "storage": str(Path(path).parent / "results"),
+        "run": run,
+        "stages": stages,
+        "resources": {"cpu": 1, "gpu": 0},
+        "max_concurrent_trials": max_concurrent,
+        "failure": {"max_failures": max_failures},
+    }
+    Path(path).write_text(yaml.safe_dump(study, sort_keys=False))
+    return Path(path)

@@ -1,0 +1,80 @@
+"""The engine: row 0 before training, exact resume, determinism, NaN detection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmcl.engine import NonFiniteLossError, _lr_lambda, run_continual
+
+from .helpers import tiny_run
+
+
+def test_rows_and_order():
+    ends = []
+    result = run_continual(tiny_run("finetune", num_tasks=3), on_task_end=ends.append)
+    assert [e.step for e in ends] == [0, 1, 2, 3]
+    assert [e.trained_task for e in ends] == [None, *result.task_names]
+    assert result.matrix.shape == (4, 3)
+    # Each row scores every task of the benchmark, seen and unseen.
+    assert all(len(e.row) == 3 for e in ends)
+    assert ends[-1].done and not ends[1].done
+    # Training changed the model: some row after training differs from row 0.
+    assert not np.allclose(result.matrix[1:], result.matrix[0])
+    assert result.trainable_params > 0
+    assert all(c["loss"] == c["loss"] for e in ends for c in e.curves)
+
+
+def test_same_seed_same_numbers_and_other_seed_differs():
+    a = run_continual(tiny_run("lwf", num_tasks=2, steps=4))
+    b = run_continual(tiny_run("lwf", num_tasks=2, steps=4))
+    c = run_continual(tiny_run("lwf", num_tasks=2, steps=4, seed=1))
+    np.testing.assert_array_equal(a.matrix, b.matrix)
+    assert [x["loss"] for x in a.curves] == [x["loss"] for x in b.curves]
+    assert [x["loss"] for x in a.curves] != [x["loss"] for x in c.curves]
+
+
+@pytest.mark.parametrize("method,config", [("er", {"buffer_size": 12}), ("finetune", {})])
+def test_resume_from_any_task_is_exact(method, config):
+    run = tiny_run(method, config, num_tasks=3, steps=4, reset_optimizer=False)
+    states = {}
+    full = run_continual(run, on_task_end=lambda e: states.__setitem__(e.step, e.state))
+    for k in (1, 2):
+        resumed_rows = []
+        resumed = run_continual(run, on_task_end=lambda e: resumed_rows.append(e.step), resume=states[k])
+        assert resumed_rows == list(range(k + 1, 4))
+        np.testing.assert_array_equal(resumed.matrix, full.matrix)
+
+
+def test_resume_state_of_another_run_is_rejected():
+    states = {}
+    run_continual(tiny_run("finetune", num_tasks=2), on_task_end=lambda e: states.__setitem__(e.step, e.state))
+    other = tiny_run("finetune", num_tasks=3)
+    with pytest.raises(ValueError, match="does not belong to this run"):
+        run_continual(other, resume=states[1])
+
+
+def test_nan_loss_is_detected_with_its_task_and_term():
+    with pytest.raises(NonFiniteLossError, match=r"task 0 .*non-finite terms: ce"):
+        run_continual(tiny_run("finetune", num_tasks=2, lr=1e30, grad_clip=None, optimizer="sgd", steps=20))
+
+
+def test_schedule_warmup_then_cosine():
+    f = _lr_lambda(total=10, warmup=2, schedule="cosine", min_ratio=0.1)
+    assert f(0) == pytest.approx(0.5) and f(1) == pytest.approx(1.0)
+    assert f(2) == pytest.approx(1.0) and f(10) == pytest.approx(0.1)
+    assert f(6) < f(4) < f(2)
+
+
+def test_grad_clip_bounds_the_update():
+    # With SGD (no momentum) one clipped step moves the parameters by at most lr * clip.
+    run = tiny_run("finetune", num_tasks=1, steps=1, optimizer="sgd", momentum=0.0, lr=1.0, grad_clip=1e-3,
+                   schedule="constant")
+    from mmcl.engine import prepare
+
+    prep = prepare(run)
+    before = torch.cat([p.detach().flatten().clone() for p in prep.method.trainable_parameters()])
+    run_continual(run, prepared=prep)
+    after = torch.cat([p.detach().flatten() for p in prep.method.trainable_parameters()])
+    assert 0 < torch.linalg.vector_norm(after - before) <= 1e-3 * 1.0001

@@ -1,0 +1,96 @@
+"""Failures: nothing that finished is lost, nothing is written twice.
+
+Each test runs `mmcl` as its own process (a real study driver) against the session's
+local Ray head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+
+from .conftest import mmcl_cmd, wait_for
+from .helpers import tiny_study
+
+
+def _assert_complete_and_unique(out: Path, n_trials: int, n_tasks: int) -> pd.DataFrame:
+    acc = pd.read_parquet(out / "accuracy.parquet")
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == n_trials, trials
+    assert (trials.status == "completed").all(), trials[["trial_id", "status", "error"]]
+    assert not acc.duplicated(["stage", "trial_id", "step", "eval_task"]).any()
+    assert len(acc) == n_trials * (n_tasks + 1) * n_tasks
+    counts = acc.groupby(["stage", "trial_id", "step"]).size()
+    assert (counts == n_tasks).all()
+    return trials
+
+
+def test_trial_process_dies_mid_run_and_resumes_from_its_checkpoint(ray_cluster, tmp_path):
+    study = tiny_study(tmp_path / "s.yaml", [{"name": "abl", "kind": "ablation", "variants": ["full"], "seeds": [0, 1]}])
+    out = tmp_path / "out"
+    markers = tmp_path / "markers"
+    # Each trial's process exits right after writing the parts of step 2 and before
+    # reporting them: the retry resumes from the step-1 checkpoint and rewrites step 2.
+    env = {**os.environ, "MMCL_FAULT_INJECT": f"die:abl:2:{markers}"}
+    r = subprocess.run(mmcl_cmd("run", str(study), "--output", str(out)), env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert len(list(markers.iterdir())) == 2  # both trials really died once
+    trials = _assert_complete_and_unique(out, n_trials=2, n_tasks=3)
+    assert (trials.resumed_from_task == 1).all()
+
+
+def test_nan_trial_is_recorded_as_error_and_the_study_goes_on(ray_cluster, tmp_path):
+    variants = {"ok": {}, "diverge": {"training.lr": float("inf"), "training.grad_clip": None, "training.optimizer": "sgd"}}
+    study = tiny_study(tmp_path / "s.yaml", [{"name": "abl", "kind": "ablation", "variants": variants, "seeds": [0]},
+                                            {"name": "after", "kind": "ablation", "seeds": [0]}])
+    out = tmp_path / "out"
+    r = subprocess.run(mmcl_cmd("run", str(study), "--output", str(out)), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = pd.read_parquet(out / "trials.parquet").set_index("variant")
+    bad = trials[trials.stage == "abl"].loc["diverge"]
+    assert bad.status == "error" and "loss became" in bad.error and "non-finite terms" in bad.error
+    assert trials[trials.stage == "abl"].loc["ok"].status == "completed"
+    assert (trials[trials.stage == "after"].status == "completed").all()  # the study went on
+    # The failed trial's evaluated rows (row 0 at least) were kept.
+    acc = pd.read_parquet(out / "accuracy.parquet")
+    assert (acc[acc.trial_id == bad.trial_id].step == 0).any()
+
+
+def test_interrupted_driver_then_resume_finishes_without_rerun_or_duplicates(ray_cluster, tmp_path):
+    study = tiny_study(
+        tmp_path / "s.yaml",
+        [{"name": "first", "kind": "ablation", "variants": ["full"], "seeds": [0, 1]},
+         {"name": "second", "kind": "orders", "reverse": True, "random": 2, "seeds": [0]}],
+        steps=12,
+        max_concurrent=1,
+    )
+    out = tmp_path / "out"
+    proc = subprocess.Popen(mmcl_cmd("run", str(study), "--output", str(out)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        # Interrupt once the second stage has written some rows but is not finished.
+        started = wait_for(lambda: len(list((out / "parts" / "accuracy" / "second").glob("*/step_001.parquet"))) >= 1,
+                           timeout=400)
+        assert started, "the second stage never started"
+        proc.send_signal(signal.SIGINT)
+        log, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, log[-3000:]
+    state = json.loads((out / "study_state.json").read_text())
+    assert state["stages"]["first"]["done"] and not state["stages"]["second"].get("done")
+    first_parts = {p: p.stat().st_mtime_ns for p in (out / "parts" / "accuracy" / "first").rglob("*.parquet")}
+
+    r = subprocess.run(mmcl_cmd("resume", str(out)), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "stage 1/2" not in r.stdout and "stage 2/2" in r.stdout
+    # The finished stage was not rerun: its files are untouched.
+    assert {p: p.stat().st_mtime_ns for p in first_parts} == first_parts
+    _assert_complete_and_unique(out, n_trials=2 + 3, n_tasks=3)

@@ -1,0 +1,95 @@
+"""Ray Tune + Optuna: a stage on a real local Ray cluster, and the PRUNED fix."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pandas as pd
+import pytest
+
+from mmcl.cli import main
+from mmcl.tune import ContinualOptunaSearch
+
+from .helpers import tiny_study
+
+
+def _space(trial):
+    trial.suggest_float("training.lr", 1e-4, 1e-2, log=True)
+
+
+@pytest.mark.parametrize("searcher_cls", [ContinualOptunaSearch, "stock"])
+def test_stopped_trial_reaches_optuna_as_pruned_not_complete(searcher_cls):
+    """Ray's stock OptunaSearch tells COMPLETE with a partial-task score; ours PRUNED."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    cls = OptunaSearch if searcher_cls == "stock" else searcher_cls
+    storage = optuna.storages.InMemoryStorage()
+    s = cls(space=_space, metric="objective", mode="max", storage=storage, study_name="x")
+    s.set_search_properties("objective", "max", {})
+    s.suggest("t1")
+    # A trial stopped by ASHA after task 1 of 3 (its last result, not done).
+    partial = {"task": 1, "n_tasks": 3, "objective": 91.0, "training_iteration": 2, "error": ""}
+    s.on_trial_result("t1", partial)
+    s.on_trial_complete("t1", result=partial)
+    s.suggest("t2")
+    full = {"task": 3, "n_tasks": 3, "objective": 55.0, "training_iteration": 4, "error": ""}
+    s.on_trial_result("t2", full)
+    s.on_trial_complete("t2", result=full)
+    s.suggest("t3")
+    s.on_trial_complete("t3", result={"task": 2, "n_tasks": 3, "objective": 40.0, "error": "loss became nan"})
+    trials = optuna.load_study(study_name="x", storage=storage).trials
+    if cls is OptunaSearch:
+        # The bug this project works around: the partial score counts as a finished run.
+        assert trials[0].state == optuna.trial.TrialState.COMPLETE and trials[0].value == 91.0
+        return
+    assert trials[0].state == optuna.trial.TrialState.PRUNED
+    assert trials[0].value is None and trials[0].intermediate_values == {1: 91.0}
+    assert trials[1].state == optuna.trial.TrialState.COMPLETE and trials[1].value == 55.0
+    assert trials[2].state == optuna.trial.TrialState.FAIL
+    assert trials[0].user_attrs["ray_trial_id"] == "t1"
+
+
+def test_search_stage_with_asha_on_ray(ray_cluster, tmp_path):
+    """Sequential trials with a fixed sampler seed: deterministic, and ASHA stops some."""
+    study = tiny_study(
+        tmp_path / "s.yaml",
+        [{"name": "search", "kind": "search", "search_space": "finetune", "num_samples": 5,
+          "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2}, "sampler_seed": 3}],
+        num_tasks=3,
+        max_concurrent=1,
+    )
+    out = tmp_path / "out"
+    assert main(["run", str(study), "--output", str(out)]) == 0
+    trials = pd.read_parquet(out / "trials.parquet")
+    acc = pd.read_parquet(out / "accuracy.parquet")
+    assert len(trials) == 5
+    assert set(trials.status) <= {"completed", "stopped"}
+    assert (trials.status == "stopped").any(), trials[["trial_id", "status", "n_tasks_trained"]]
+    assert (trials.status == "completed").any()
+    # One accuracy row per (trial, step, eval task), steps 0..tasks trained.
+    assert not acc.duplicated(["trial_id", "step", "eval_task"]).any()
+    for _, t in trials.iterrows():
+        rows = acc[acc.trial_id == t.trial_id]
+        assert sorted(rows.step.unique()) == list(range(t.n_tasks_trained + 1))
+        assert len(rows) == (t.n_tasks_trained + 1) * 3
+    # Optuna's own record (the journal file optuna-dashboard opens) agrees.
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "optuna" / "search.journal"))
+    )
+    ot = {t.user_attrs["ray_trial_id"]: t for t in optuna.load_study(study_name="tiny.search", storage=storage).trials}
+    for _, t in trials.iterrows():
+        o = ot[t.trial_id]
+        if t.status == "stopped":
+            assert o.state == optuna.trial.TrialState.PRUNED
+            assert max(o.intermediate_values) == t.n_tasks_trained
+        else:
+            assert o.state == optuna.trial.TrialState.COMPLETE
+            assert math.isclose(o.value, t.avg, rel_tol=1e-9)
+        assert math.isclose(o.params["training.lr"], t["config/training.lr"])
+    # The best config was recorded for later stages.
+    import json
+
+    state = json.loads((out / "study_state.json").read_text())
+    best = trials[trials.status == "completed"].sort_values("avg").iloc[-1]
+    assert state["stages"]["search"]["best_trial"] == best.trial_id
