@@ -39,6 +39,7 @@ TRIALS_COLUMNS: list[str] = [
 CURVES_COLUMNS: list[str] = [
     "study", "stage", "trial_id", "task", "task_name", "step", "loss", "lr", "samples_per_s",
 ]  # fmt: skip
+RUNNING = "running"
 # Columns that describe a trial and can be read off its accuracy rows when trials.parquet
 # does not list it yet (a study still running).
 _ACCURACY_META: list[str] = ["study", "variant", "order_id", "seed"]
@@ -74,7 +75,8 @@ class Results:
 
         Metrics are recomputed from accuracy.parquet with :func:`cl_metrics`; the values
         stored in trials.parquet fill in only trials without accuracy rows. Trials seen
-        only in accuracy.parquet (not yet in trials.parquet) are included, status NaN.
+        only in accuracy.parquet (not yet in trials.parquet) are included with status
+        ``"running"``.
         """
         if self._metrics is not None:
             return self._metrics.copy()
@@ -100,6 +102,12 @@ class Results:
             out = out.merge(meta, on=keys, how="left", suffixes=("", "_acc"))
             for col in _ACCURACY_META:
                 out[col] = out[col].combine_first(out.pop(f"{col}_acc"))
+        # The engine writes a trial's row when it ends: one with accuracy rows only is still running.
+        out["status"] = out["status"].astype(object).where(out["status"].notna(), RUNNING)
+        # Outer merges turn integer seeds into floats/objects; keep them integers for display.
+        seed = pd.to_numeric(out["seed"], errors="coerce")
+        if seed.notna().sum() == out["seed"].notna().sum() and (seed.dropna() % 1 == 0).all():
+            out["seed"] = seed.astype("Int64")
         ordered = [c for c in TRIALS_COLUMNS if c in out.columns]
         ordered += [c for c in out.columns if c not in ordered]
         out = out[ordered]

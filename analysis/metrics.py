@@ -97,7 +97,7 @@ def matrix_metrics(
     return out
 
 
-def _task_order(g: pd.DataFrame, label: str) -> list[str]:
+def task_order(g: pd.DataFrame, label: str) -> list[str]:
     """Columns of one trial's matrix, in training order."""
     if "eval_position" in g.columns and g["eval_position"].notna().all():
         pos = g.groupby("eval_task")["eval_position"].agg(["min", "max"])
@@ -125,7 +125,7 @@ def _trial_metrics(g: pd.DataFrame, label: str) -> dict[str, float]:
     if dup.any():
         pairs = sorted(set(zip(g.loc[dup, "step"].astype(int), g.loc[dup, "eval_task"].astype(str))))
         raise ValueError(f"trial {label}: duplicated (step, eval_task) rows {pairs[:5]}")
-    order = _task_order(g, label)
+    order = task_order(g, label)
     steps = sorted(int(s) for s in g["step"].unique())
     zero_shot = 0 in steps
     T = max(steps) if steps else 0

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from analysis.metrics import task_order
 from analysis.tables import (
     ablation_table,
     fmt_pct,
@@ -85,8 +86,12 @@ def accuracy_matrix(results: Results, stage: str, trial_id: str) -> pd.DataFrame
     g = acc[(acc["stage"] == stage) & (acc["trial_id"] == trial_id)]
     if g.empty:
         return pd.DataFrame()
-    order = g.sort_values("eval_position", kind="stable").drop_duplicates("eval_task")["eval_task"].tolist()
-    mat = g.pivot_table(index="step", columns="eval_task", values="value", aggfunc="last").reindex(columns=order)
+    # Same column order as the metrics (eval_position, or else the step that trained a task).
+    order = task_order(g.assign(eval_task=g["eval_task"].astype(str)), f"{stage}/{trial_id}")
+    mat = g.assign(eval_task=g["eval_task"].astype(str)).pivot_table(
+        index="step", columns="eval_task", values="value", aggfunc="last"
+    )
+    mat = mat.reindex(columns=order)
     trained = g.drop_duplicates("step").set_index("step")["trained_task"].reindex(mat.index)
     out = pd.DataFrame({"step": mat.index.astype(int), "trained": trained.fillna("").replace("", "(zero-shot)")})
     for task in order:

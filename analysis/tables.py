@@ -8,7 +8,6 @@ a single run has no std and is shown as its mean alone.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -25,7 +24,7 @@ MISSING = "–"
 
 def fmt_pct(x: object) -> str:
     """One decimal, or a dash for a missing value."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+    if x is None or (not isinstance(x, (str, tuple, list)) and bool(pd.isna(x))):
         return MISSING
     try:
         return f"{float(x):.1f}"  # type: ignore[arg-type]
@@ -34,9 +33,10 @@ def fmt_pct(x: object) -> str:
 
 
 def fmt_mean_std(mean: float, std: float) -> str:
-    if mean is None or math.isnan(mean):
+    """"mean ± std" with one decimal; the mean alone when there is no std (a single run)."""
+    if mean is None or bool(pd.isna(mean)):
         return MISSING
-    if std is None or math.isnan(std):
+    if std is None or bool(pd.isna(std)):
         return f"{mean:.1f}"
     return f"{mean:.1f} ± {std:.1f}"
 
@@ -104,13 +104,22 @@ def _mean_std_table(df: pd.DataFrame, by: list[str], metrics: list[str], formatt
     return stats
 
 
+def stage_kind(trials: pd.DataFrame) -> str:
+    """What a stage's trials are, read off their metadata (the rules ``stage=None`` uses).
+
+    ``search``: its trials have variant ``search``; ``orders``: order_id takes more than
+    one value; ``ablation``: any other stage (one task order, named variants).
+    """
+    if (trials["variant"] == SEARCH_VARIANT).any():
+        return "search"
+    if trials["order_id"].nunique(dropna=True) > 1:
+        return "orders"
+    return "ablation"
+
+
 def _ablation_stages(df: pd.DataFrame) -> list:
     """Non-search stages run with one task order (order stages go to order_robustness)."""
-    stages = []
-    for st, g in df[df["variant"] != SEARCH_VARIANT].groupby("stage", sort=False):
-        if g["order_id"].nunique(dropna=True) <= 1:
-            stages.append(st)
-    return stages
+    return [st for st, g in df.groupby("stage", sort=False) if stage_kind(g) == "ablation"]
 
 
 def ablation_table(results: Results, stage: str | None = None, formatted: bool = True) -> pd.DataFrame:
@@ -175,16 +184,18 @@ def order_breakdown(results: Results, stage: str, formatted: bool = True) -> pd.
 
 
 def summary_table(results: Results) -> pd.DataFrame:
-    """One row per stage: trial counts by status, then best (max) and mean over completed
-    trials of avg, last, transfer and bwt, one decimal."""
+    """One row per stage (in the order they ran): its :func:`stage_kind`, trial counts by
+    status, then best (max) and mean over completed trials of avg, last, transfer and bwt,
+    one decimal. This is what ``mmcl run`` prints at the end."""
     df = results.metrics()
-    cols = ["stage", "n_trials", "n_completed", "n_stopped", "n_error"]
+    cols = ["stage", "kind", "n_trials", "n_completed", "n_stopped", "n_error"]
     cols += [f"{kind}_{m}" for m in SUMMARY_METRICS for kind in ("best", "mean")]
     rows = []
     for st, g in df.groupby("stage", sort=False):
         done = _completed(g)
         row: dict[str, object] = {
             "stage": st,
+            "kind": stage_kind(g),
             "n_trials": len(g),
             "n_completed": int((g["status"] == "completed").sum()),
             "n_stopped": int((g["status"] == "stopped").sum()),

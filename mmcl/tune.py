@@ -76,6 +76,10 @@ class ContinualOptunaSearch(OptunaSearch):
             state = optuna.trial.TrialState.FAIL
         elif result.get("task", 0) < result.get("n_tasks", 0):
             state = optuna.trial.TrialState.PRUNED
+            # The result that made ASHA stop the trial comes here, not to on_trial_result.
+            step, v = int(result.get("task", 0)), result.get(self.metric)
+            if step >= 1 and v is not None and math.isfinite(v):
+                ot_trial.report(float(v), step=step)
         else:
             value = result.get(self.metric)
             if value is None or not math.isfinite(value):
@@ -206,8 +210,12 @@ def _build_tuner(plan: StagePlan, restore: bool) -> tune.Tuner:
     if plan.kind == "search":
         from search_spaces import get_space
 
+        # With a define-by-run space, OptunaSearch ignores the metric TuneConfig would
+        # pass on: both the searcher and ASHA get it directly.
         searcher = ContinualOptunaSearch(
             space=get_space(plan.search_space),
+            metric="objective",
+            mode=plan.mode,
             sampler=_sampler(plan),
             storage=optuna_storage(Path(plan.out_dir) / "optuna" / f"{plan.stage}.journal"),
             study_name=optuna_study_name(plan),
@@ -216,13 +224,13 @@ def _build_tuner(plan: StagePlan, restore: bool) -> tune.Tuner:
         if plan.scheduler.kind == "asha":
             scheduler = tune.schedulers.ASHAScheduler(
                 time_attr="task",
+                metric="objective",
+                mode=plan.mode,
                 max_t=plan.n_tasks,
                 grace_period=min(plan.scheduler.grace_period, plan.n_tasks),
                 reduction_factor=plan.scheduler.reduction_factor,
             )
         tune_config = tune.TuneConfig(
-            metric="objective",
-            mode=plan.mode,
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=plan.num_samples,

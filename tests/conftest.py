@@ -22,7 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
 def _free_port() -> int:
@@ -36,20 +35,25 @@ def _ray_bin() -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
+def ray_cluster():
     """A real Ray head on 127.0.0.1 with 2 CPUs and its dashboard (for job submission)."""
-    port, dash = _free_port(), _free_port()
-    temp = tmp_path_factory.mktemp("ray")
     env = {**os.environ}
     env.pop("RAY_ADDRESS", None)
-    cmd = [
-        _ray_bin(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-        "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}", "--disable-usage-stats",
-    ]  # fmt: skip
-    # Short socket paths: the session dir lives in /tmp by default; keep it there.
-    del temp
-    subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, timeout=180)
+    # A head left over from an interrupted session would clash (GCS session names).
+    subprocess.run([_ray_bin(), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    for attempt in range(2):
+        port, dash = _free_port(), _free_port()
+        cmd = [
+            _ray_bin(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+            "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}", "--disable-usage-stats",
+        ]  # fmt: skip
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        if r.returncode == 0:
+            break
+        subprocess.run([_ray_bin(), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    else:
+        pytest.fail(f"ray start failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     address = f"127.0.0.1:{port}"
     os.environ["RAY_ADDRESS"] = address
     info = {"address": address, "dashboard": f"http://127.0.0.1:{dash}"}

@@ -212,6 +212,7 @@ def test_order_robustness(results_dir: Path) -> None:
 def test_summary_table(results_dir: Path) -> None:
     tab = summary_table(analysis.load(results_dir)).set_index("stage")
     assert list(tab.index) == ["search", "ablation", "orders"]
+    assert tab["kind"].tolist() == ["search", "ablation", "orders"]
     assert tab.loc["search", ["n_trials", "n_completed", "n_stopped", "n_error"]].tolist() == [3, 1, 1, 1]
     assert tab.loc["ablation", ["n_trials", "n_completed", "n_stopped", "n_error"]].tolist() == [4, 4, 0, 0]
     # best/mean over completed trials only: the stopped s1 (avg 55) is not counted
@@ -266,3 +267,15 @@ def test_cl_metrics_shuffle_invariance(results_dir: Path) -> None:
 def test_markdown_table_escapes_and_formats() -> None:
     df = pd.DataFrame({"name": ["a|b", None], "x": [1e-5, float("nan")]})
     assert markdown_table(df).splitlines() == ["| name | x |", "| --- | ---: |", "| a\\|b | 1e-05 |", "| – | – |"]
+
+
+def test_running_study_without_trials_table(tmp_path: Path) -> None:
+    # Only accuracy.parquet so far: trials are listed as running, with their metadata and metrics.
+    res = analysis.load(build(("ablation", "orders")).write(tmp_path / "run", tables=("accuracy",)))
+    m = res.metrics().set_index("trial_id")
+    assert len(m) == 10 and (m["status"] == "running").all()
+    assert m["seed"].dtype == "Int64" and m.loc["or_o2_1", "seed"] == 1
+    assert m.loc["or_o2_1", "order_id"] == "o2" and m.loc["or_o2_1", "last"] == pytest.approx(last_of(72))
+    tab = summary_table(res).set_index("stage")
+    assert tab.loc["orders", "kind"] == "orders" and tab.loc["orders", "n_completed"] == 0
+    assert "### orders" in build_report(res.path)

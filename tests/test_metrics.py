@@ -113,6 +113,23 @@ def test_hand_computed_full_matrix() -> None:
     assert m["forgetting"] == pytest.approx(((80 - 60) + (90 - 85)) / 2)
 
 
+def test_forgetting_uses_the_peak_not_the_diagonal() -> None:
+    # Task 1 improves after task 2 (70 > 50): forgetting counts from that peak, bwt from the
+    # diagonal, so forgetting != -bwt; fwt uses R[j-1][j], not the diagonal R[j][j].
+    R = np.array([
+        [0.0, 5.0, 10.0],
+        [50.0, 10.0, 10.0],
+        [70.0, 60.0, 20.0],
+        [40.0, 55.0, 80.0],
+    ])  # fmt: skip
+    m = matrix_metrics(R)
+    assert m["bwt"] == pytest.approx(((40 - 50) + (55 - 60)) / 2)  # -7.5
+    assert m["forgetting"] == pytest.approx(((70 - 40) + (60 - 55)) / 2)  # 17.5
+    assert m["fwt"] == pytest.approx(((10 - 5) + (20 - 10)) / 2)  # 7.5
+    assert m["transfer"] == pytest.approx((10 + (10 + 20) / 2) / 2)  # 12.5
+    assert m["avg"] == pytest.approx((50 + 70 + 40 + 10 + 60 + 55 + 10 + 20 + 80) / 9)
+
+
 def test_zero_shot_false_drops_fwt_only() -> None:
     m = matrix_metrics(R3[1:], zero_shot=False)
     ref = matrix_metrics(R3, zero_shot=True)

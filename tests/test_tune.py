@@ -44,7 +44,9 @@ def test_stopped_trial_reaches_optuna_as_pruned_not_complete(searcher_cls):
         assert trials[0].state == optuna.trial.TrialState.COMPLETE and trials[0].value == 91.0
         return
     assert trials[0].state == optuna.trial.TrialState.PRUNED
-    assert trials[0].value is None and trials[0].intermediate_values == {1: 91.0}
+    # Optuna keeps a pruned trial's last intermediate value (at its step); TPE ranks
+    # pruned trials by how far they got, below every complete one.
+    assert trials[0].intermediate_values == {1: 91.0} and trials[0].last_step == 1
     assert trials[1].state == optuna.trial.TrialState.COMPLETE and trials[1].value == 55.0
     assert trials[2].state == optuna.trial.TrialState.FAIL
     assert trials[0].user_attrs["ray_trial_id"] == "t1"

@@ -116,6 +116,19 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def multi_positive_clip_loss(logits: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
+    """Symmetric CLIP loss where every true (image, caption) pair is a positive.
+
+    Captions name only some factors ("a red thing."), so many captions in a batch truly
+    describe an image; the plain CLIP loss would push those apart as negatives. The target
+    of each row is uniform over its matches (the diagonal always matches).
+    """
+    m = matches.float()
+    i2t = torch.sum(-(m / m.sum(1, keepdim=True)) * F.log_softmax(logits, 1), 1).mean()
+    t2i = torch.sum(-(m.T / m.T.sum(1, keepdim=True)) * F.log_softmax(logits.T, 1), 1).mean()
+    return 0.5 * (i2t + t2i)
+
+
 def pretrain(model_name: str, recipe: dict[str, Any], log_every: int = 0) -> dict[str, torch.Tensor]:
     """Contrastive (CLIP) training on fresh synthetic batches; returns the state dict.
 
@@ -148,24 +161,16 @@ def pretrain(model_name: str, recipe: dict[str, Any], log_every: int = 0) -> dic
         g = torch.Generator().manual_seed(recipe["seed"])
         token_cache: dict[str, torch.Tensor] = {}
         for step in range(steps):
-            images, captions = pretraining_batch(g, recipe["batch_size"], image_size)
-            missing = [c for c in dict.fromkeys(captions) if c not in token_cache]
+            batch = pretraining_batch(g, recipe["batch_size"], image_size)
+            missing = [c for c in dict.fromkeys(batch.captions) if c not in token_cache]
             if missing:
                 for c, row in zip(missing, tokenizer(missing)):
                     token_cache[c] = row
-            tokens = torch.stack([token_cache[c] for c in captions])
-            img = model.encode_image(images, normalize=True)
+            tokens = torch.stack([token_cache[c] for c in batch.captions])
+            img = model.encode_image(batch.images, normalize=True)
             txt = model.encode_text(tokens, normalize=True)
             logits = model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * img @ txt.T
-            # Captions name only some factors, so equal captions are common in a batch:
-            # treat them as positives of each other rather than as negatives.
-            ids = torch.tensor([hash(c) for c in captions])
-            same = (ids[:, None] == ids[None, :]).float()
-            target = same / same.sum(1, keepdim=True)
-            loss = 0.5 * (
-                torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
-                + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean()
-            )
+            loss = multi_positive_clip_loss(logits, batch.matches())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["grad_clip"])
@@ -174,6 +179,6 @@ def pretrain(model_name: str, recipe: dict[str, Any], log_every: int = 0) -> dic
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
             if log_every and (step % log_every == 0 or step == steps - 1):
-                log.warning("pretrain step %d/%d loss %.3f scale %.1f", step, steps, float(loss), float(model.logit_scale.exp()))
+                log.warning("pretrain step %d/%d loss %.3f scale %.1f", step, steps, loss.item(), model.logit_scale.exp().item())
         model.eval()
         return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -391,47 +391,95 @@ def normalize(img: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- captions
 
 
-def caption(scenes: Scenes, i: int, g: torch.Generator) -> str:
-    """A caption naming a random non-empty subset of scene ``i``'s factors."""
+# Columns of a caption's constraint row (see :class:`PretrainBatch`).
+CONSTRAINT_COLUMNS = ("shape", "color", "pattern", "count", "size", "position", "multi")
+FREE = -1
+
+# Web captions phrase the same content many ways; the variety keeps the text tower from
+# keying on one frame, so that the tasks' own templates (which it never saw verbatim)
+# still work zero-shot.
+_PREFIXES = ("", "a photo of ", "an image of ", "a picture of ", "a drawing of ", "a photo showing ")
+_NOUNS = ("object", "shape", "thing")
+
+
+@dataclass
+class PretrainBatch:
+    """Base-domain image-caption pairs.
+
+    ``factors[i]`` are image i's true factor indices in :data:`CONSTRAINT_COLUMNS` order
+    (size / position are -1 for multi-object scenes); ``constraints[j]`` is what caption j
+    asserts (``FREE`` where it says nothing). Image i matches caption j when every asserted
+    factor is true of i: short captions ("a red thing.") match many images, and the
+    pretraining loss uses that instead of treating every other pair as a negative.
+    """
+
+    images: torch.Tensor  # [N, 3, S, S], normalised
+    captions: list[str]
+    factors: torch.Tensor  # LongTensor[N, 7]
+    constraints: torch.Tensor  # LongTensor[N, 7]
+
+    def matches(self) -> torch.Tensor:
+        """BoolTensor[N images, N captions]: caption j is a true description of image i."""
+        c = self.constraints[None, :, :]
+        return ((c == FREE) | (c == self.factors[:, None, :])).all(-1)
+
+
+def _scene_factors(scenes: Scenes) -> torch.Tensor:
+    multi = (scenes.count > 0).long()
+    return torch.stack(
+        [scenes.shape, scenes.color, scenes.pattern, scenes.count, scenes.size, scenes.position, multi], 1
+    )
+
+
+def caption(scenes: Scenes, i: int, g: torch.Generator) -> tuple[str, list[int]]:
+    """A caption naming a random non-empty subset of scene ``i``'s factors, and its
+    constraint row (what it asserts, ``FREE`` elsewhere)."""
+    cons = [FREE] * len(CONSTRAINT_COLUMNS)
     keep = torch.rand(6, generator=g) < 0.5
     if not bool(keep.any()):
         keep[int(torch.randint(0, 6, (1,), generator=g))] = True
     k_shape, k_color, k_pattern, k_count, k_size, k_pos = (bool(x) for x in keep)
     count = int(scenes.count[i])
     size, pos = int(scenes.size[i]), int(scenes.position[i])
+    multi = count > 0
     words: list[str] = []
     if k_count:
         words.append(COUNTS[count])
-    elif count == 0:
-        words.append("a")
+        cons[3] = count
     else:
-        words.append("some")
+        # "a" / "some" (and the plural noun) still say whether there is one object.
+        words.append("some" if multi else "a")
+    cons[6] = int(multi)
     if k_size and size >= 0:
         words.append(SIZES[size])
+        cons[4] = size
     if k_color:
         words.append(COLORS[int(scenes.color[i])])
+        cons[1] = int(scenes.color[i])
     shape = int(scenes.shape[i])
     if k_shape:
-        words.append(SHAPES[shape] if count == 0 else SHAPE_PLURALS[shape])
+        words.append(SHAPE_PLURALS[shape] if multi else SHAPES[shape])
+        cons[0] = shape
     else:
-        noun = ["object", "shape", "thing"][int(torch.randint(0, 3, (1,), generator=g))]
-        words.append(noun if count == 0 else noun + "s")
+        noun = _NOUNS[int(torch.randint(0, len(_NOUNS), (1,), generator=g))]
+        words.append(noun + "s" if multi else noun)
     if k_pos and pos >= 0:
         words.append("in the center" if pos == CENTER else f"in the {POSITIONS[pos]}")
+        cons[5] = pos
     if k_pattern:
         words.append(f"on a {PATTERNS[int(scenes.pattern[i])]} background")
-    prefix = ["", "a photo of ", "an image of ", "a picture of "][int(torch.randint(0, 4, (1,), generator=g))]
-    text = prefix + " ".join(words)
-    # "a photo of a" reads better than "a photo of one" half of the time, as on the web.
-    return text + "."
+        cons[2] = int(scenes.pattern[i])
+    prefix = _PREFIXES[int(torch.randint(0, len(_PREFIXES), (1,), generator=g))]
+    return prefix + " ".join(words) + ".", cons
 
 
-def pretraining_batch(g: torch.Generator, n: int, image_size: int = 32) -> tuple[torch.Tensor, list[str]]:
-    """N normalised base-domain images and their captions (fresh samples every call)."""
+def pretraining_batch(g: torch.Generator, n: int, image_size: int = 32) -> PretrainBatch:
+    """N fresh base-domain images with captions (every factor random, neutral domain)."""
     with single_thread():
         scenes = sample_scenes(g, n)
         images = normalize(render(scenes, BASE_DOMAIN, g, image_size, jitter_domain=True))
-    return images, [caption(scenes, i, g) for i in range(n)]
+    caps, cons = zip(*(caption(scenes, i, g) for i in range(n)))
+    return PretrainBatch(images, list(caps), _scene_factors(scenes), torch.tensor(cons, dtype=torch.long))
 
 
 # --------------------------------------------------------------------------- benchmark
