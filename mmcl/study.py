@@ -77,7 +77,8 @@ class StagePlan(BaseModel):
         """Tune config of one trial -> (its overrides of ``base_run``, its metadata)."""
         if self.kind == "search":
             return dict(config), {"variant": "search", "order_id": "default", "seed": self.base_run.seed}
-        tc = TrialConfig.model_validate(config)
+        # Grid stages give Tune one parameter, "trial", whose values are TrialConfigs.
+        tc = TrialConfig.model_validate(config["trial"])
         return {**tc.overrides, "seed": tc.seed}, {"variant": tc.variant, "order_id": tc.order_id, "seed": tc.seed}
 
     def resolve(self, config: dict[str, Any]) -> tuple[RunSpec, dict[str, Any]]:

@@ -431,11 +431,12 @@ def _scene_factors(scenes: Scenes) -> torch.Tensor:
     )
 
 
-def caption(scenes: Scenes, i: int, g: torch.Generator) -> tuple[str, list[int]]:
-    """A caption naming a random non-empty subset of scene ``i``'s factors, and its
-    constraint row (what it asserts, ``FREE`` elsewhere)."""
+def caption(scenes: Scenes, i: int, g: torch.Generator, mention_prob: float = 0.5) -> tuple[str, list[int]]:
+    """A caption naming a random non-empty subset of scene ``i``'s factors (each with
+    probability ``mention_prob``), and its constraint row (what it asserts, ``FREE``
+    elsewhere)."""
     cons = [FREE] * len(CONSTRAINT_COLUMNS)
-    keep = torch.rand(6, generator=g) < 0.5
+    keep = torch.rand(6, generator=g) < mention_prob
     if not bool(keep.any()):
         keep[int(torch.randint(0, 6, (1,), generator=g))] = True
     k_shape, k_color, k_pattern, k_count, k_size, k_pos = (bool(x) for x in keep)
@@ -473,12 +474,17 @@ def caption(scenes: Scenes, i: int, g: torch.Generator) -> tuple[str, list[int]]
     return prefix + " ".join(words) + ".", cons
 
 
-def pretraining_batch(g: torch.Generator, n: int, image_size: int = 32) -> PretrainBatch:
-    """N fresh base-domain images with captions (every factor random, neutral domain)."""
+def pretraining_batch(g: torch.Generator, n: int, image_size: int = 32, mention_prob: float = 0.5) -> PretrainBatch:
+    """N fresh base-domain images with captions (every factor random, neutral domain).
+
+    Short captions (low ``mention_prob``) matter: when most captions name the colour, the
+    contrastive loss is nearly solved by colour alone and the harder factors (shape,
+    pattern) learn slowly.
+    """
     with single_thread():
         scenes = sample_scenes(g, n)
         images = normalize(render(scenes, BASE_DOMAIN, g, image_size, jitter_domain=True))
-    caps, cons = zip(*(caption(scenes, i, g) for i in range(n)))
+    caps, cons = zip(*(caption(scenes, i, g, mention_prob) for i in range(n)))
     return PretrainBatch(images, list(caps), _scene_factors(scenes), torch.tensor(cons, dtype=torch.long))
 
 
