@@ -303,10 +303,13 @@ def _trial_rows(plan: StagePlan, grid) -> list[dict[str, Any]]:
                 "git_sha": sha,
             }
         )
-    if unfinished:
+    # Tune returns normally after Ctrl-C: trials cut off keep a live status, and trials
+    # not yet created are simply missing from the grid.
+    missing = plan.num_trials - len(rows) - len(unfinished)
+    if unfinished or missing > 0:
         raise StageInterrupted(
-            f"stage {plan.stage}: {len(unfinished)} trial(s) did not finish ({', '.join(unfinished[:5])}); "
-            f"continue with: mmcl resume {plan.out_dir}"
+            f"stage {plan.stage}: {len(unfinished) + max(missing, 0)} of {plan.num_trials} trial(s) did not "
+            f"finish; continue with: mmcl resume {plan.out_dir}"
         )
     return rows
 

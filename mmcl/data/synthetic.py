@@ -44,8 +44,8 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # --------------------------------------------------------------------------- factors
 
-SHAPES = ["circle", "square", "triangle", "cross", "ring", "diamond"]
-SHAPE_PLURALS = ["circles", "squares", "triangles", "crosses", "rings", "diamonds"]
+SHAPES = ["circle", "square", "triangle", "cross", "ring"]
+SHAPE_PLURALS = ["circles", "squares", "triangles", "crosses", "rings"]
 COLORS = ["red", "green", "blue", "yellow", "magenta", "cyan"]
 COLOR_RGB = [
     (0.90, 0.15, 0.15),
@@ -59,8 +59,8 @@ PATTERNS = ["plain", "striped", "checkered", "dotted"]
 COUNTS = ["one", "two", "three", "four"]
 SIZES = ["tiny", "small", "large", "huge"]
 # Radii in pixels of a 32-pixel image (scaled with the image size).
-SIZE_RADII = [3.0, 5.0, 8.0, 11.0]
-MULTI_RADIUS = 4.0  # objects of a multi-object scene share one size
+SIZE_RADII = [4.0, 6.0, 9.0, 12.0]
+MULTI_RADIUS = 5.0  # objects of a multi-object scene share one size
 # Quadrant order matches POSITIONS; index 4 is the centre (no task labels it).
 POSITIONS = ["top left", "top right", "bottom left", "bottom right"]
 CENTER = 4
@@ -93,7 +93,7 @@ class Domain:
     invert: bool = False
 
 
-BASE_DOMAIN = Domain("neutral grey background, light noise", (0.5, 0.5, 0.5), 0.12, 0.15, 0.03, 0.0)
+BASE_DOMAIN = Domain("neutral grey background, light noise", (0.5, 0.5, 0.5), 0.12, 0.3, 0.03, 0.0)
 
 
 @dataclass(frozen=True)
@@ -235,11 +235,9 @@ def _shape_mask(shape: int, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
         m = (dy >= -1.0) & (dy <= 0.85) & (ax <= (dy + 1.0) * 0.55)
     elif shape == 3:  # cross
         m = ((ax <= 0.3) & (ay <= 1.0)) | ((ay <= 0.3) & (ax <= 1.0))
-    elif shape == 4:  # ring
+    else:  # ring
         r2 = dx * dx + dy * dy
-        m = (r2 <= 1.0) & (r2 >= 0.36)
-    else:  # diamond
-        m = ax + ay <= 1.05
+        m = (r2 <= 1.0) & (r2 >= 0.3)
     return m.float()
 
 
@@ -431,12 +429,23 @@ def _scene_factors(scenes: Scenes) -> torch.Tensor:
     )
 
 
-def caption(scenes: Scenes, i: int, g: torch.Generator, mention_prob: float = 0.5) -> tuple[str, list[int]]:
+# Order of the caption factors (the first six constraint columns).
+CAPTION_FACTORS = ("shape", "color", "pattern", "count", "size", "position")
+MentionProb = float | dict[str, float]
+
+
+def _mention_probs(mention_prob: MentionProb) -> torch.Tensor:
+    if isinstance(mention_prob, dict):
+        return torch.tensor([float(mention_prob.get(f, 0.5)) for f in CAPTION_FACTORS])
+    return torch.full((len(CAPTION_FACTORS),), float(mention_prob))
+
+
+def caption(scenes: Scenes, i: int, g: torch.Generator, mention_prob: MentionProb = 0.5) -> tuple[str, list[int]]:
     """A caption naming a random non-empty subset of scene ``i``'s factors (each with
-    probability ``mention_prob``), and its constraint row (what it asserts, ``FREE``
-    elsewhere)."""
+    probability ``mention_prob``, one number or one per factor), and its constraint row
+    (what it asserts, ``FREE`` elsewhere)."""
     cons = [FREE] * len(CONSTRAINT_COLUMNS)
-    keep = torch.rand(6, generator=g) < mention_prob
+    keep = torch.rand(6, generator=g) < _mention_probs(mention_prob)
     if not bool(keep.any()):
         keep[int(torch.randint(0, 6, (1,), generator=g))] = True
     k_shape, k_color, k_pattern, k_count, k_size, k_pos = (bool(x) for x in keep)
@@ -474,7 +483,7 @@ def caption(scenes: Scenes, i: int, g: torch.Generator, mention_prob: float = 0.
     return prefix + " ".join(words) + ".", cons
 
 
-def pretraining_batch(g: torch.Generator, n: int, image_size: int = 32, mention_prob: float = 0.5) -> PretrainBatch:
+def pretraining_batch(g: torch.Generator, n: int, image_size: int = 32, mention_prob: MentionProb = 0.5) -> PretrainBatch:
     """N fresh base-domain images with captions (every factor random, neutral domain).
 
     Short captions (low ``mention_prob``) matter: when most captions name the colour, the
