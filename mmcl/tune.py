@@ -190,6 +190,8 @@ def ensure_ray() -> None:
 
 
 def _build_tuner(plan: StagePlan, restore: bool) -> tune.Tuner:
+    # reuse_actors: a trial's process (torch, open_clip, the benchmark cache) serves the
+    # next trial too, instead of a fresh interpreter per trial.
     trainable = tune.with_resources(
         tune.with_parameters(_trial, plan_json=plan.model_dump_json()),
         {"cpu": plan.resources.cpu, "gpu": plan.resources.gpu},
@@ -235,11 +237,12 @@ def _build_tuner(plan: StagePlan, restore: bool) -> tune.Tuner:
             scheduler=scheduler,
             num_samples=plan.num_samples,
             max_concurrent_trials=plan.max_concurrent_trials,
+            reuse_actors=True,
         )
         return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
     param_space = {"trial": tune.grid_search([t.model_dump() for t in plan.trials])}
     tune_config = tune.TuneConfig(
-        metric="objective", mode=plan.mode, max_concurrent_trials=plan.max_concurrent_trials
+        metric="objective", mode=plan.mode, max_concurrent_trials=plan.max_concurrent_trials, reuse_actors=True
     )
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 

@@ -66,7 +66,8 @@ def test_interrupted_driver_then_resume_finishes_without_rerun_or_duplicates(ray
     study = tiny_study(
         tmp_path / "s.yaml",
         [{"name": "first", "kind": "ablation", "variants": ["full"], "seeds": [0, 1]},
-         {"name": "second", "kind": "orders", "reverse": True, "random": 2, "seeds": [0]}],
+         {"name": "second", "kind": "search", "search_space": "finetune", "num_samples": 4,
+          "scheduler": {"kind": "fifo"}}],
         steps=12,
         max_concurrent=1,
     )
@@ -93,4 +94,13 @@ def test_interrupted_driver_then_resume_finishes_without_rerun_or_duplicates(ray
     assert "stage 1/2" not in r.stdout and "stage 2/2" in r.stdout
     # The finished stage was not rerun: its files are untouched.
     assert {p: p.stat().st_mtime_ns for p in first_parts} == first_parts
-    _assert_complete_and_unique(out, n_trials=2 + 4, n_tasks=3)  # orders: default, reverse, 2 random
+    trials = _assert_complete_and_unique(out, n_trials=2 + 4, n_tasks=3)
+    # The restored search kept its Optuna history: exactly 4 trials, all told, one per Ray trial.
+    import optuna
+
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "optuna" / "second.journal"))
+    )
+    ot = optuna.load_study(study_name="tiny.second", storage=storage).trials
+    assert len(ot) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in ot)
+    assert {t.user_attrs["ray_trial_id"] for t in ot} == set(trials[trials.stage == "second"].trial_id)

@@ -161,7 +161,9 @@ def pretrain(model_name: str, recipe: dict[str, Any], log_every: int = 0) -> dic
         g = torch.Generator().manual_seed(recipe["seed"])
         token_cache: dict[str, torch.Tensor] = {}
         for step in range(steps):
-            batch = pretraining_batch(g, recipe["batch_size"], image_size, recipe.get("mention_prob", 0.5))
+            batch = pretraining_batch(
+                g, recipe["batch_size"], image_size, recipe.get("mention_prob", 0.5), recipe.get("group_size", 1)
+            )
             missing = [c for c in dict.fromkeys(batch.captions) if c not in token_cache]
             if missing:
                 for c, row in zip(missing, tokenizer(missing)):

@@ -224,6 +224,54 @@ def sample_scenes(g: torch.Generator, n: int, factor: str | None = None, labels:
     return Scenes(shape, color, pattern, count, size, position)
 
 
+def sample_grouped_scenes(g: torch.Generator, n: int, group_size: int) -> tuple[Scenes, torch.Tensor]:
+    """Scenes in groups of ``group_size`` that differ in ONE factor (a random one per group).
+
+    Returns the scenes and, per scene, the index (in :data:`CAPTION_FACTORS`) of the factor
+    its group varies. Minimal pairs are hard negatives for a contrastive loss: iid scenes
+    differ in colour almost always, so colour alone nearly solves the batch and the
+    spatial factors (shape, position, size) learn slowly.
+    """
+    n_groups = -(-n // group_size)
+    anchor = sample_scenes(g, n_groups)
+    varied_g = _randint(g, len(CAPTION_FACTORS), n_groups)
+    # Size and position exist for single objects only: such groups get a single anchor.
+    single_anchor = sample_scenes(g, n_groups, "shape", anchor.shape)
+    needs_single = (varied_g == CAPTION_FACTORS.index("size")) | (varied_g == CAPTION_FACTORS.index("position"))
+
+    def rep(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(group_size)[:n]
+
+    varied = rep(varied_g)
+    fresh = sample_scenes(g, n)
+    fresh_single = sample_scenes(g, n, "shape", fresh.shape)
+
+    def pick(name: str, base: torch.Tensor) -> torch.Tensor:
+        return torch.where(varied == CAPTION_FACTORS.index(name), getattr(fresh, name), rep(base))
+
+    shape = pick("shape", anchor.shape)
+    color = pick("color", anchor.color)
+    pattern = pick("pattern", anchor.pattern)
+    a_count = torch.where(needs_single, single_anchor.count, anchor.count)
+    a_size = torch.where(needs_single, single_anchor.size, anchor.size)
+    a_pos = torch.where(needs_single, single_anchor.position, anchor.position)
+    count = pick("count", a_count)
+    single = count == 0
+    # A member that became single (count varied from a multi anchor) needs a size and place.
+    a_size, a_pos = rep(a_size), rep(a_pos)
+    size = torch.where(a_size >= 0, a_size, fresh_single.size)
+    position = torch.where(a_pos >= 0, a_pos, fresh_single.position)
+    size = torch.where(varied == CAPTION_FACTORS.index("size"), fresh_single.size, size)
+    position = torch.where(varied == CAPTION_FACTORS.index("position"), fresh_single.position, position)
+    # "huge" objects are centred: move the object when size is the varied factor, else shrink it.
+    off_centre_huge = (size == 3) & (position != CENTER)
+    position = torch.where(off_centre_huge & (varied == CAPTION_FACTORS.index("size")), CENTER, position)
+    size = torch.where((size == 3) & (position != CENTER), _randint(g, 3, n), size)
+    size = torch.where(single, size, -1)
+    position = torch.where(single, position, -1)
+    return Scenes(shape, color, pattern, count, size, position), varied
+
+
 def _shape_mask(shape: int, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """Inside-mask (float) of one shape at offsets normalised by the object's radius."""
     ax, ay = dx.abs(), dy.abs()
@@ -440,12 +488,17 @@ def _mention_probs(mention_prob: MentionProb) -> torch.Tensor:
     return torch.full((len(CAPTION_FACTORS),), float(mention_prob))
 
 
-def caption(scenes: Scenes, i: int, g: torch.Generator, mention_prob: MentionProb = 0.5) -> tuple[str, list[int]]:
+def caption(
+    scenes: Scenes, i: int, g: torch.Generator, mention_prob: MentionProb = 0.5, force: int | None = None
+) -> tuple[str, list[int]]:
     """A caption naming a random non-empty subset of scene ``i``'s factors (each with
     probability ``mention_prob``, one number or one per factor), and its constraint row
-    (what it asserts, ``FREE`` elsewhere)."""
+    (what it asserts, ``FREE`` elsewhere). ``force`` (a factor index) is always named.
+    """
     cons = [FREE] * len(CONSTRAINT_COLUMNS)
     keep = torch.rand(6, generator=g) < _mention_probs(mention_prob)
+    if force is not None:
+        keep[force] = True
     if not bool(keep.any()):
         keep[int(torch.randint(0, 6, (1,), generator=g))] = True
     k_shape, k_color, k_pattern, k_count, k_size, k_pos = (bool(x) for x in keep)
@@ -479,21 +532,30 @@ def caption(scenes: Scenes, i: int, g: torch.Generator, mention_prob: MentionPro
     if k_pattern:
         words.append(f"on a {PATTERNS[int(scenes.pattern[i])]} background")
         cons[2] = int(scenes.pattern[i])
+    if words[0] == "a" and words[1][0] in "aeiou":
+        words[0] = "an"
     prefix = _PREFIXES[int(torch.randint(0, len(_PREFIXES), (1,), generator=g))]
     return prefix + " ".join(words) + ".", cons
 
 
-def pretraining_batch(g: torch.Generator, n: int, image_size: int = 32, mention_prob: MentionProb = 0.5) -> PretrainBatch:
+def pretraining_batch(
+    g: torch.Generator, n: int, image_size: int = 32, mention_prob: MentionProb = 0.5, group_size: int = 1
+) -> PretrainBatch:
     """N fresh base-domain images with captions (every factor random, neutral domain).
 
     Short captions (low ``mention_prob``) matter: when most captions name the colour, the
     contrastive loss is nearly solved by colour alone and the harder factors (shape,
-    pattern) learn slowly.
+    pattern) learn slowly. ``group_size > 1`` draws minimal-pair groups (see
+    :func:`sample_grouped_scenes`) whose captions always name the factor that varies.
     """
     with single_thread():
-        scenes = sample_scenes(g, n)
+        if group_size > 1:
+            scenes, varied = sample_grouped_scenes(g, n, group_size)
+            force = varied.tolist()
+        else:
+            scenes, force = sample_scenes(g, n), [None] * n
         images = normalize(render(scenes, BASE_DOMAIN, g, image_size, jitter_domain=True))
-    caps, cons = zip(*(caption(scenes, i, g, mention_prob) for i in range(n)))
+    caps, cons = zip(*(caption(scenes, i, g, mention_prob, force[i]) for i in range(n)))
     return PretrainBatch(images, list(caps), _scene_factors(scenes), torch.tensor(cons, dtype=torch.long))
 
 
