@@ -166,7 +166,7 @@ def _available_models() -> list[str]:
     return list(open_clip.list_models())
 
 
-def _unknown_model(name: str) -> SpecError:
+def unknown_model_error(name: str) -> SpecError:
     names = _available_models()
     ours = [n for n in names if n.startswith("mmcl-")]
     close = [n for n in names if n.lower().startswith(name.lower()[:4])][:8]
@@ -188,7 +188,7 @@ def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu") -> Cli
 
     register_model_configs()
     if spec.model not in _available_models():
-        raise _unknown_model(spec.model)
+        raise unknown_model_error(spec.model)
 
     weights: str | None
     key = "run.backbone.pretrained"

@@ -9,9 +9,9 @@ process after the first one only loads a file.
 The file is a plain ``{"state_dict": ...}`` checkpoint that open_clip's own loader
 accepts (``create_model_and_transforms(name, pretrained=path)``). Its name carries a hash
 of the model config, the recipe and the data generator version: changing any of them
-trains a new file instead of reusing a stale one. Concurrent processes (Ray trials
-started together) serialise on a lock file; the writer renames a finished temp file into
-place, so a reader never sees a partial checkpoint.
+trains a new file instead of reusing a stale one. Concurrent callers (Ray trials started
+together, in one process or several) serialise on an ``fcntl`` lock file; the writer
+renames a finished temp file into place, so a reader never sees a partial checkpoint.
 """
 
 from __future__ import annotations
@@ -28,22 +28,42 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 
 from mmcl.spec import BackboneSpec, SpecError
 
 log = logging.getLogger(__name__)
 
-# The recipe: part of the cache key. About 1-2 minutes on 2 CPU cores for the tiny CLIP.
-RECIPE: dict[str, Any] = {
-    "steps": 500,
-    "batch_size": 256,
-    "lr": 2e-3,
-    "min_lr_ratio": 0.05,
-    "warmup_steps": 40,
-    "weight_decay": 0.05,
-    "grad_clip": 1.0,
-    "seed": 0,
-}
+
+class PretrainRecipe(BaseModel):
+    """How the synthetic weights are made. Every field is part of the cache key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(default=900, ge=1)
+    batch_size: int = Field(default=128, ge=2)
+    # Batches are drawn from a pool rendered once (see mmcl.data.synthetic.PretrainPool).
+    pool_size: int = Field(default=16384, ge=2)
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 30
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+    # How often a caption names each factor. Colour is the easiest factor by far: named
+    # often, it solves most of a batch alone and the spatial factors learn slowly.
+    mention_prob: dict[str, float] = Field(
+        default_factory=lambda: {
+            "shape": 0.6, "color": 0.3, "pattern": 0.5, "count": 0.4, "size": 0.6, "position": 0.7,
+        }
+    )  # fmt: skip
+    # Share of one-object scenes (size and position exist only for those).
+    p_single: float = Field(default=0.5, ge=0, le=1)
+
+
+RECIPE = PretrainRecipe()
+# 900 steps of batch 128: ~2 min on 2 idle cores. Shorter runs (400 steps) leave shape and
+# position near chance zero-shot; the tasks then cannot be learned in an epoch either.
 
 
 def cache_root(spec: BackboneSpec) -> Path:
@@ -56,27 +76,42 @@ def cache_root(spec: BackboneSpec) -> Path:
 def _model_config(name: str) -> dict[str, Any]:
     import open_clip
 
-    from mmcl.backbones.clip import register_model_configs
+    from mmcl.backbones.clip import register_model_configs, unknown_model_error
 
     register_model_configs()
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        from mmcl.backbones.clip import _unknown_model
-
-        raise _unknown_model(name)
+        raise unknown_model_error(name)
     return cfg
 
 
-def checkpoint_path(spec: BackboneSpec) -> Path:
+def checkpoint_path(spec: BackboneSpec, recipe: PretrainRecipe = RECIPE) -> Path:
     """Where the synthetic weights of ``spec.model`` live (whether or not they exist yet)."""
     from mmcl.data.synthetic import GENERATOR_VERSION
 
     payload = json.dumps(
-        {"model": spec.model, "config": _model_config(spec.model), "recipe": RECIPE, "data": GENERATOR_VERSION},
+        {
+            "model": spec.model,
+            "config": _model_config(spec.model),
+            "recipe": recipe.model_dump(),
+            "data": GENERATOR_VERSION,
+        },
         sort_keys=True,
     )
     digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
     return cache_root(spec) / f"{spec.model}-synthetic-{digest}.pt"
+
+
+def pretrain_threads() -> int:
+    """Torch threads for pretraining: $MMCL_PRETRAIN_THREADS, else up to 2.
+
+    More than 2 barely helps a model this small; on a machine shared with running trials
+    set 1 (OpenMP barriers make oversubscribed small ops several times slower).
+    """
+    env = os.environ.get("MMCL_PRETRAIN_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 def ensure_pretrained(spec: BackboneSpec) -> Path:
@@ -91,25 +126,37 @@ def ensure_pretrained(spec: BackboneSpec) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(path.name + ".lock")
     with open(lock_path, "a+") as lock:
+        # Blocks while another process (or thread) trains; it then finds the file below.
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            # Another process may have finished it while we waited for the lock.
             if path.is_file():
                 return path
+            threads = pretrain_threads()
+            log.warning(
+                "pretraining %s on synthetic captions (%d steps, %d threads; once per machine) -> %s",
+                spec.model, RECIPE.steps, threads, path,
+            )  # fmt: skip
             t0 = time.perf_counter()
-            log.warning("pretraining %s on synthetic captions (%d steps, cached at %s)", spec.model, RECIPE["steps"], path)
-            state = pretrain(spec.model, RECIPE)
+            old_threads = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                state = pretrain(spec.model, RECIPE)
+            finally:
+                torch.set_num_threads(old_threads)
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-            torch.save({"state_dict": state}, tmp)
-            os.replace(tmp, path)
-            log.warning("pretrained %s in %.1f s -> %s", spec.model, time.perf_counter() - t0, path)
+            try:
+                torch.save({"state_dict": state}, tmp)
+                os.replace(tmp, path)  # atomic: readers see no file or the whole file
+            finally:
+                tmp.unlink(missing_ok=True)
+            log.warning("pretrained %s in %.1f s", spec.model, time.perf_counter() - t0)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return path
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # No decay on gains, biases, embeddings' scale-like 1-d tensors and the temperature.
+    # No decay on gains, biases, embeddings and the temperature (CLIP's convention).
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "logit_scale" in n or "embedding" in n else decay).append(p)
@@ -129,27 +176,30 @@ def multi_positive_clip_loss(logits: torch.Tensor, matches: torch.Tensor) -> tor
     return 0.5 * (i2t + t2i)
 
 
-def pretrain(model_name: str, recipe: dict[str, Any], log_every: int = 0) -> dict[str, torch.Tensor]:
-    """Contrastive (CLIP) training on fresh synthetic batches; returns the state dict.
+def pretrain(model_name: str, recipe: PretrainRecipe = RECIPE, log_every: int = 0) -> dict[str, torch.Tensor]:
+    """Contrastive (CLIP) training of a randomly initialised model; returns its state dict.
 
     Runs under its own RNG (the caller's torch seed is left untouched) so the weights
-    depend only on the recipe.
+    depend only on the recipe (and, through float reductions, the thread count).
     """
     import open_clip
 
     from mmcl.backbones.clip import MAX_LOGIT_SCALE, register_model_configs
-    from mmcl.data.synthetic import pretraining_batch
+    from mmcl.data.synthetic import pretraining_pool
 
     register_model_configs()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe["seed"])
+        torch.manual_seed(recipe.seed)
         model = open_clip.create_model(model_name, pretrained=None)
         tokenizer = open_clip.get_tokenizer(model_name)
         size = model.visual.image_size
         image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        g = torch.Generator().manual_seed(recipe.seed)
+        pool = pretraining_pool(g, recipe.pool_size, image_size, recipe.p_single)
+
         model.train()
-        opt = torch.optim.AdamW(_param_groups(model, recipe["weight_decay"]), lr=recipe["lr"], betas=(0.9, 0.98), eps=1e-6)
-        steps, warm, min_ratio = recipe["steps"], recipe["warmup_steps"], recipe["min_lr_ratio"]
+        opt = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6)
+        steps, warm, min_ratio = recipe.steps, recipe.warmup_steps, recipe.min_lr_ratio
 
         def lr_at(step: int) -> float:
             if step < warm:
@@ -158,12 +208,15 @@ def pretrain(model_name: str, recipe: dict[str, Any], log_every: int = 0) -> dic
             return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-        g = torch.Generator().manual_seed(recipe["seed"])
         token_cache: dict[str, torch.Tensor] = {}
+        order = torch.randperm(len(pool), generator=g)
+        cursor = 0
         for step in range(steps):
-            batch = pretraining_batch(
-                g, recipe["batch_size"], image_size, recipe.get("mention_prob", 0.5), recipe.get("group_size", 1)
-            )
+            if cursor + recipe.batch_size > len(order):
+                order, cursor = torch.randperm(len(pool), generator=g), 0
+            batch = pool.batch(order[cursor : cursor + recipe.batch_size], g, recipe.mention_prob)
+            cursor += recipe.batch_size
+            # Captions repeat a lot (a few hundred distinct short ones): tokenise each once.
             missing = [c for c in dict.fromkeys(batch.captions) if c not in token_cache]
             if missing:
                 for c, row in zip(missing, tokenizer(missing)):
@@ -175,7 +228,7 @@ def pretrain(model_name: str, recipe: dict[str, Any], log_every: int = 0) -> dic
             loss = multi_positive_clip_loss(logits, batch.matches())
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["grad_clip"])
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
             opt.step()
             sched.step()
             with torch.no_grad():
