@@ -162,32 +162,3 @@ def test_synthetic_pretraining_gives_zero_shot(mmcl_cache):
             chance = 100 / task.num_classes
             above.append(acc > chance + 10)
     assert sum(above) >= 4, above
-
-
-def test_pretraining_loss_and_thread_tuner():
-    """The multi-positive CLIP loss counts every true caption as a positive, and the
-    pretraining thread tuner keeps the faster thread count."""
-    from mmcl.backbones.pretrain import _ThreadTuner, multi_positive_clip_loss
-    from mmcl.data.synthetic import pretraining_batch
-
-    batch = pretraining_batch(torch.Generator().manual_seed(0), 64)
-    m = batch.matches()
-    assert m.diagonal().all() and m.sum() > 64  # short captions describe several images
-    perfect = torch.where(m, 50.0, -50.0)
-    assert multi_positive_clip_loss(perfect, m) < multi_positive_clip_loss(torch.zeros(64, 64), m)
-    # With one match per row it is the usual CLIP loss.
-    eye = torch.eye(8, dtype=torch.bool)
-    logits = torch.randn(8, 8)
-    plain = 0.5 * (
-        torch.nn.functional.cross_entropy(logits, torch.arange(8))
-        + torch.nn.functional.cross_entropy(logits.T, torch.arange(8))
-    )
-    assert torch.allclose(multi_positive_clip_loss(logits, eye), plain)
-
-    tuner = _ThreadTuner([2, 1], probe_steps=3, every=10)
-    used = []
-    for _ in range(30):
-        n = tuner.threads()
-        used.append(n)
-        tuner.record(n, 0.1 if n == 1 else 0.3)  # one thread is faster (a busy machine)
-    assert tuner.current == 1 and used[:3] == [2, 2, 2] and used.count(2) < 10
