@@ -169,18 +169,10 @@ def _orders(stage: OrdersStage, names: list[str], where: str) -> dict[str, list[
 
 def check_stages(study: StudySpec) -> None:
     """Load-time checks of every stage against the run (no data, no Ray, no GPU)."""
-    from mmcl.data import benchmark_task_names  # noqa: F401  (fails early if unknown benchmark)
-
-    try:
-        names = _task_names(study.run)
-    except SpecError:
-        raise
+    names = _task_names(study.run)  # an unknown benchmark fails here
     for i, st in enumerate(study.stages):
         where = f"stages[{i}] ({st.name})"
-        try:
-            apply_overrides(study.run, getattr(st, "overrides", {}), where=f"{where}.overrides")
-        except SpecError as e:
-            raise SpecError(str(e)) from None
+        apply_overrides(study.run, getattr(st, "overrides", {}), where=f"{where}.overrides")
         if isinstance(st, SearchStage):
             _sample_space(st.search_space, study.run, where)
         elif isinstance(st, AblationStage):
