@@ -69,6 +69,9 @@ class Method:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    # Which kind of run the method works on: "clip" (an open_clip backbone, image batches)
+    # or "paired" (per-modality encoders, paired benchmarks; see cl_methods/_paired.py).
+    track: ClassVar[str] = "clip"
     # Named component variants, as overrides of this method's config. "full" is the method
     # as published; an ablation stage lists the names it wants.
     ablations: ClassVar[dict[str, dict[str, Any]]] = {"full": {}}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 
 class SpecError(Exception):
@@ -42,6 +42,79 @@ class BackboneSpec(Strict):
     checkpoint: str | None = None
     # Where pretrained / generated weights are cached; default ~/.cache/mmcl (or $MMCL_CACHE).
     cache_dir: str | None = None
+
+
+class ClipVisionEncoderSpec(Strict):
+    """A video encoder: the image tower of an open_clip CLIP, applied to every frame; the
+    per-frame embeddings are averaged over time. Same weight options as :class:`BackboneSpec`."""
+
+    kind: Literal["open_clip_vision"] = "open_clip_vision"
+    model: str = "mmcl-tiny-clip"
+    pretrained: str | None = "synthetic"
+    checkpoint: str | None = None
+
+
+class ASTEncoderSpec(Strict):
+    """An audio encoder: a transformers Audio Spectrogram Transformer (``ASTModel``).
+
+    ``path`` is a local directory written by ``save_pretrained`` or a hub id already in the
+    Hugging Face cache (nothing is downloaded: ``local_files_only``). ``path: null`` builds a
+    randomly initialised model from ``config`` (an ``ASTConfig`` mapping), seeded by the run,
+    for offline studies. The spectrogram settings come from the directory's
+    ``preprocessor_config.json`` when there is one, else from the model config.
+    """
+
+    kind: Literal["ast"] = "ast"
+    path: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    # Hugging Face cache directory for hub ids (default: HF_HOME's).
+    cache_dir: str | None = None
+    sampling_rate: int = Field(default=16000, ge=1000)
+
+    @model_validator(mode="after")
+    def _path_or_config(self) -> "ASTEncoderSpec":
+        if self.path is None and not self.config:
+            raise ValueError("give 'path' (a saved ASTModel directory or cached hub id) or 'config' (random init)")
+        return self
+
+
+EncoderSpec = Annotated[Union[ClipVisionEncoderSpec, ASTEncoderSpec], Field(discriminator="kind")]
+
+
+class PairedBackboneSpec(Strict):
+    """Frozen per-modality encoders for paired sensory streams (the paired-modality track).
+
+    ``encoders`` maps a modality name (the key samples carry: ``video``, ``audio``) to its
+    encoder. Two or more modalities.
+    """
+
+    kind: Literal["paired"]
+    encoders: dict[str, EncoderSpec]
+    cache_dir: str | None = None
+
+    @field_validator("encoders")
+    @classmethod
+    def _two_or_more(cls, v: dict) -> dict:
+        if len(v) < 2:
+            raise ValueError(f"a paired backbone needs two or more modalities, got {list(v) or 'none'}")
+        for name in v:
+            if name in ("label", "task", "domain", "image"):
+                raise ValueError(f"modality name {name!r} is reserved; use e.g. 'video', 'audio'")
+        return v
+
+
+def _backbone_kind(v: Any) -> str:
+    # Existing studies leave `kind` out: they mean open_clip.
+    if isinstance(v, dict):
+        return v.get("kind", "open_clip")
+    return getattr(v, "kind", "open_clip")
+
+
+AnyBackboneSpec = Annotated[
+    Union[Annotated[BackboneSpec, Tag("open_clip")], Annotated[PairedBackboneSpec, Tag("paired")]],
+    Discriminator(_backbone_kind, custom_error_type="invalid_backbone_kind",
+                  custom_error_message="'kind' must be open_clip or paired"),
+]
 
 
 class BenchmarkSpec(Strict):
@@ -106,7 +179,7 @@ class RunSpec(Strict):
 
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    backbone: BackboneSpec = Field(default_factory=BackboneSpec)
+    backbone: AnyBackboneSpec = Field(default_factory=BackboneSpec)
     benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
     method: MethodSpec = Field(default_factory=MethodSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
@@ -271,6 +344,15 @@ def validate_method_config(run: RunSpec, where: str = "run.method") -> Any:
             f"{where}.name: unknown method {run.method.name!r}; registered methods: "
             f"{', '.join(registered_methods())}"
         ) from None
+    want = "paired" if getattr(cls, "track", "clip") == "paired" else "open_clip"
+    if run.backbone.kind != want:
+        raise SpecError(
+            f"{where}.name: method {run.method.name!r} works on a {want} backbone but run.backbone.kind is "
+            f"{run.backbone.kind!r}; " + (
+                "use a paired method (cma, pm_finetune, pm_lwf, pm_ewc, pm_er, pm_derpp)"
+                if want == "open_clip" else "set run.backbone.kind: paired with per-modality encoders (README)"
+            )
+        )
     try:
         return cls.Config.model_validate(run.method.config)
     except ValidationError as e:
@@ -285,7 +367,7 @@ def _format_validation(err: ValidationError, prefix: str = "") -> str:
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
         # Discriminated unions put the tag in the location ("stages.0.search.name").
-        for tag in ("search.", "ablation.", "orders."):
+        for tag in ("search.", "ablation.", "orders.", "open_clip.", "paired.", "open_clip_vision.", "ast."):
             loc = loc.replace(f".{tag}", ".")
         path = ".".join(p for p in (prefix, loc) if p)
         msg = e["msg"]
@@ -340,7 +422,7 @@ def parse_study(data: Any, source: str = "<study>", text: str | None = None) -> 
     except ValidationError as e:
         detail = []
         for err in e.errors():
-            loc = tuple(x for x in err["loc"] if x not in ("search", "ablation", "orders"))
+            loc = tuple(x for x in err["loc"] if x not in ("search", "ablation", "orders", "open_clip", "paired", "open_clip_vision", "ast"))
             line = _line_of(text, loc) if text else None
             if line:
                 detail.append(f"line {line}")

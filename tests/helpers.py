@@ -55,3 +55,57 @@ def tiny_study(path, stages: list[dict], name: str = "tiny", method: str = "fine
     }
     Path(path).write_text(yaml.safe_dump(study, sort_keys=False))
     return Path(path)
+
+
+# A tiny random Audio Spectrogram Transformer (2 layers, width 32, 16 mel bins x 32 frames).
+TINY_AST = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "num_mel_bins": 16,
+    "max_length": 32,
+    "patch_size": 16,
+    "frequency_stride": 16,
+    "time_stride": 8,
+}
+
+
+def tiny_paired_backbone(ast_path: str | None = None, pretrained: str | None = None) -> dict[str, Any]:
+    """Paired encoders: the tiny CLIP's image tower (random unless ``pretrained``) for video,
+    a tiny AST for audio (random init from TINY_AST, or loaded from ``ast_path``)."""
+    audio = {"kind": "ast", "path": ast_path} if ast_path else {"kind": "ast", "config": TINY_AST}
+    return {
+        "kind": "paired",
+        "encoders": {"video": {"kind": "open_clip_vision", "model": "mmcl-tiny-clip", "pretrained": pretrained}, "audio": audio},
+    }
+
+
+def tiny_paired_run(
+    method: str = "cma",
+    config: dict[str, Any] | None = None,
+    num_tasks: int = 2,
+    protocol: str = "cil",
+    steps: int = 3,
+    seed: int = 0,
+    options: dict[str, Any] | None = None,
+    **training: Any,
+) -> RunSpec:
+    """A paired-track run of seconds on the generated audio-visual benchmark."""
+    return RunSpec.model_validate(
+        {
+            "seed": seed,
+            "device": "cpu",
+            "torch_threads": 1,
+            "backbone": tiny_paired_backbone(),
+            "benchmark": {
+                "name": "paired_synthetic",
+                "num_tasks": num_tasks,
+                "options": {"protocol": protocol, "n_train_per_class": 8, "n_test_per_class": 4,
+                            "duration_s": 0.35, **(options or {})},
+            },
+            "method": {"name": method, "config": config or {}},
+            "training": {"batch_size": 8, "max_steps": steps, "log_every": 1, "lr": 1e-3, **training},
+            "evaluation": {"batch_size": 64},
+        }
+    )

@@ -6,7 +6,9 @@
 - a state round trip (state_dict -> fresh model -> load_state_dict) predicts identically.
 
 A new method is covered by registering it; add a case to METHOD_CONFIGS only when its
-defaults need a tweak to run on two tiny tasks.
+defaults need a tweak to run on two tiny tasks. Methods of the paired-modality track
+(``track = "paired"``) run on the tiny generated audio-visual benchmark instead of the
+CLIP one.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import torch
 from cl_methods import get_method_class, registered_methods
 from mmcl.engine import prepare, run_continual
 
-from .helpers import tiny_run
+from .helpers import tiny_paired_run, tiny_run
 
-METHOD_CONFIGS: dict[str, dict] = {"er": {"buffer_size": 16}}
+METHOD_CONFIGS: dict[str, dict] = {"er": {"buffer_size": 16}, "pm_er": {"buffer_size": 16}, "pm_derpp": {"buffer_size": 16}}
 HOOKS = ["setup", "before_task", "training_loss", "after_backward", "after_task", "predict"]
 
 
@@ -46,7 +48,8 @@ def test_method_contract(name, monkeypatch):
 
         monkeypatch.setattr(cls, hook, spy)
 
-    run = tiny_run(method=name, config=METHOD_CONFIGS.get(name, {}), num_tasks=2)
+    make = tiny_paired_run if getattr(cls, "track", "clip") == "paired" else tiny_run
+    run = make(method=name, config=METHOD_CONFIGS.get(name, {}), num_tasks=2)
     prep = prepare(run)
     initial = {n: p.detach().clone() for n, p in prep.backbone.named_parameters()}
     trained_names: set[str] = set()

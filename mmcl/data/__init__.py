@@ -39,6 +39,9 @@ class _Entry:
     task_names: Callable[[dict[str, Any]], list[str]]
     # Validates options early (a pydantic model with extra="forbid"), or None.
     options_model: type[BaseModel] | None = None
+    # The builder takes the backbone's ``preprocess`` (benchmarks of raw files / streams
+    # that must be converted to the encoders' input format).
+    takes_preprocess: bool = False
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -49,9 +52,10 @@ def register_benchmark(
     builder: BenchmarkBuilder,
     task_names: Callable[[dict[str, Any]], list[str]],
     options_model: type[BaseModel] | None = None,
+    takes_preprocess: bool = False,
 ) -> None:
     """Make ``name`` usable as ``run.benchmark.name``."""
-    _REGISTRY[name] = _Entry(builder, task_names, options_model)
+    _REGISTRY[name] = _Entry(builder, task_names, options_model, takes_preprocess)
 
 
 def _ensure_builtin() -> None:
@@ -62,6 +66,20 @@ def _ensure_builtin() -> None:
 
     register_benchmark(
         "synthetic", synthetic.build_synthetic, lambda _opts: list(synthetic.TASK_NAMES), synthetic.SyntheticOptions
+    )
+    # The paired-modality track (audio + video); modules import their heavy parts lazily.
+    from mmcl.data import ave, paired_synthetic
+
+    register_benchmark(
+        "paired_synthetic",
+        paired_synthetic.build_paired_synthetic,
+        paired_synthetic.task_names,
+        paired_synthetic.PairedSyntheticOptions,
+        takes_preprocess=True,
+    )
+    register_benchmark("ave", ave.build_ave, ave.task_names, ave.AVEOptions, takes_preprocess=True)
+    register_benchmark(
+        "paired_manifest", ave.build_manifest, ave.manifest_task_names, ave.ManifestOptions, takes_preprocess=True
     )
 
 
@@ -133,7 +151,7 @@ def _apply_order(bench: Benchmark, spec: BenchmarkSpec) -> Benchmark:
 
 
 # Small LRU of built benchmarks: (name, options json, image size) -> Benchmark.
-_CACHE: OrderedDict[tuple[str, str, int], Benchmark] = OrderedDict()
+_CACHE: OrderedDict[tuple, Benchmark] = OrderedDict()
 _CACHE_SIZE = 4
 
 
@@ -148,7 +166,6 @@ def build_benchmark(spec: BenchmarkSpec, image_size: int | None = None, preproce
     ``preprocess`` is the backbone's image transform, for benchmarks read from files
     (generated benchmarks produce normalised tensors directly and ignore it).
     """
-    del preprocess  # generated data is already in the model's input format
     entry = _entry(spec)
     _check_options(entry, spec.options)
     opt_size = spec.options.get("image_size")
@@ -158,10 +175,17 @@ def build_benchmark(spec: BenchmarkSpec, image_size: int | None = None, preproce
             "leave it out to use the backbone's size"
         )
     size = int(image_size or opt_size or DEFAULT_IMAGE_SIZE)
-    key = (spec.name, json.dumps(spec.options, sort_keys=True, default=str), size)
+    # Generated CLIP-track data is already in the model's input format and ignores
+    # ``preprocess``; paired benchmarks convert raw clips with it (its settings are part
+    # of the cache key).
+    pkey = getattr(preprocess, "cache_key", None) if entry.takes_preprocess else None
+    key = (spec.name, json.dumps(spec.options, sort_keys=True, default=str), size, spec.root, pkey)
     bench = _CACHE.get(key)
     if bench is None:
-        bench = entry.builder(dict(spec.options), size, 0)
+        if entry.takes_preprocess:
+            bench = entry.builder(dict(spec.options), size, 0, preprocess=preprocess, root=spec.root)
+        else:
+            bench = entry.builder(dict(spec.options), size, 0)
         _CACHE[key] = bench
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
