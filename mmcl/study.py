@@ -265,6 +265,18 @@ def plan_stage(study: StudySpec, index: int, out_dir: Path, best: dict[str, dict
     return StagePlan(**common, trials=trials)
 
 
+def _describe_backbone(b: Any) -> str:
+    if b.kind == "paired":
+        parts = []
+        for m, e in b.encoders.items():
+            if e.kind == "ast":
+                parts.append(f"{m}: AST {e.path or 'random init'}")
+            else:
+                parts.append(f"{m}: {e.model} ({e.pretrained or e.checkpoint}) frames")
+        return "paired [" + "; ".join(parts) + "]"
+    return f"{b.model} ({b.pretrained or b.checkpoint})"
+
+
 def describe_plan(study: StudySpec) -> str:
     """Text for ``mmcl plan``: stages, trial counts, resources (no Ray, no data)."""
     lines = [f"study {study.name}: {len(study.stages)} stage(s)"]
@@ -290,7 +302,7 @@ def describe_plan(study: StudySpec) -> str:
             f"starts from {'the run block' if base == 'run' else 'best of ' + base}; ranks by {st.metric} ({st.mode})"
         )
         lines.append(
-            f"      method {run.method.name}, backbone {run.backbone.model} ({run.backbone.pretrained or run.backbone.checkpoint}), "
+            f"      method {run.method.name}, backbone {_describe_backbone(run.backbone)}, "
             f"benchmark {run.benchmark.name} with {plan.n_tasks} tasks"
         )
     lines.append(
@@ -307,12 +319,29 @@ def resolve_paths(study: StudySpec, cwd: Path) -> StudySpec:
     """Make every path absolute: Ray trials run in their own working directories."""
     s = study.model_copy(deep=True)
     b = s.run.backbone
-    if b.checkpoint:
-        b.checkpoint = str((cwd / Path(b.checkpoint).expanduser()).resolve())
+
+    def absolute(p: str) -> str:
+        return str((cwd / Path(p).expanduser()).resolve())
+
     if b.cache_dir:
-        b.cache_dir = str((cwd / Path(b.cache_dir).expanduser()).resolve())
+        b.cache_dir = absolute(b.cache_dir)
+    if b.kind == "paired":
+        for e in b.encoders.values():
+            if e.kind == "open_clip_vision" and e.checkpoint:
+                e.checkpoint = absolute(e.checkpoint)
+            # A hub id ("MIT/ast-...") stays as it is; a local directory becomes absolute.
+            if e.kind == "ast" and e.path and (e.path.startswith((".", "~", "/")) or (cwd / e.path).exists()):
+                e.path = absolute(e.path)
+            if e.kind == "ast" and e.cache_dir:
+                e.cache_dir = absolute(e.cache_dir)
+    elif b.checkpoint:
+        b.checkpoint = absolute(b.checkpoint)
     if s.run.benchmark.root:
-        s.run.benchmark.root = str((cwd / Path(s.run.benchmark.root).expanduser()).resolve())
+        s.run.benchmark.root = absolute(s.run.benchmark.root)
+    # Paired benchmarks' decoded-clip store (a manifest path is relative to the root).
+    store = s.run.benchmark.options.get("store_dir")
+    if isinstance(store, str):
+        s.run.benchmark.options["store_dir"] = absolute(store)
     s.storage = str((cwd / Path(s.storage).expanduser()).resolve())
     return s
 
@@ -342,12 +371,25 @@ def preflight(study: StudySpec) -> None:
     from mmcl.backbones import ensure_pretrained
     from mmcl.data import build_benchmark
 
+    from mmcl.spec import BackboneSpec
+
     b = study.run.backbone
-    if b.checkpoint:
-        if not Path(b.checkpoint).exists():
-            raise SpecError(f"run.backbone.checkpoint: no such file {b.checkpoint}")
-    elif b.pretrained == "synthetic":
-        ensure_pretrained(b)
+    clips = [(f"run.backbone.encoders.{m}", e) for m, e in b.encoders.items() if e.kind == "open_clip_vision"] \
+        if b.kind == "paired" else [("run.backbone", b)]
+    for key, c in clips:
+        if c.checkpoint:
+            if not Path(c.checkpoint).exists():
+                raise SpecError(f"{key}.checkpoint: no such file {c.checkpoint}")
+        elif c.pretrained == "synthetic":
+            ensure_pretrained(BackboneSpec(model=c.model, pretrained="synthetic", cache_dir=b.cache_dir))
+    if b.kind == "paired":
+        # Load the encoders once (a missing AST directory fails here, before any trial);
+        # building the benchmark with their preprocess fills any decoded-clip store.
+        from mmcl.backbones import load_backbone
+
+        backbone = load_backbone(b, "cpu")
+        build_benchmark(study.run.benchmark, image_size=backbone.image_size, preprocess=backbone.preprocess)
+        return
     # Building the benchmark once opens every data root (a missing dataset fails here,
     # before any trial is scheduled).
     build_benchmark(study.run.benchmark)
