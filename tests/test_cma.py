@@ -136,3 +136,14 @@ def test_bad_configs_fail_before_training():
         apply_overrides(tiny_run("finetune"), {"method.name": "cma"})
     with pytest.raises(SpecError, match=r"paired method"):
         apply_overrides(tiny_paired_run("cma"), {"method.name": "finetune"})
+
+
+@pytest.mark.parametrize("method,config", [("cma", {"freeze_threshold": 0.1}), ("pm_derpp", {"buffer_size": 12})])
+def test_resume_from_a_task_boundary_is_exact(method, config):
+    import numpy as np
+
+    run = tiny_paired_run(method, config, num_tasks=3, steps=3)
+    states = {}
+    full = run_continual(run, on_task_end=lambda e: states.__setitem__(e.step, e.state))
+    resumed = run_continual(run, resume=states[1])
+    np.testing.assert_array_equal(resumed.matrix, full.matrix)
