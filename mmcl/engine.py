@@ -216,6 +216,9 @@ def prepare(run: RunSpec) -> Prepared:
         torch.set_num_threads(run.torch_threads)
     device = resolve_device(run.device)
     torch.manual_seed(run.seed)
+    from mmcl.data import check_backbone_fits
+
+    check_backbone_fits(run.benchmark, run.backbone.kind)
     backbone = load_backbone(run.backbone, device)
     bench = build_benchmark(run.benchmark, image_size=backbone.image_size, preprocess=backbone.preprocess)
     tasks = bench.tasks

@@ -169,7 +169,10 @@ def _orders(stage: OrdersStage, names: list[str], where: str) -> dict[str, list[
 
 def check_stages(study: StudySpec) -> None:
     """Load-time checks of every stage against the run (no data, no Ray, no GPU)."""
+    from mmcl.data import check_backbone_fits
+
     names = _task_names(study.run)  # an unknown benchmark fails here
+    check_backbone_fits(study.run.benchmark, study.run.backbone.kind)
     for i, st in enumerate(study.stages):
         where = f"stages[{i}] ({st.name})"
         apply_overrides(study.run, getattr(st, "overrides", {}), where=f"{where}.overrides")

@@ -91,6 +91,10 @@ def test_spec_is_backward_compatible_and_checks_paired_blocks():
         parse_study({**base, "run": {"backbone": b, "method": {"name": "cma"}}})
     with pytest.raises(SpecError, match=r"run\.backbone: 'kind' must be open_clip or paired"):
         parse_study({**base, "run": {"backbone": {"kind": "audio"}}})
+    with pytest.raises(SpecError, match=r"'paired_synthetic' needs run\.backbone\.kind: paired"):
+        parse_study({**base, "run": {"benchmark": {"name": "paired_synthetic"}}})
+    with pytest.raises(SpecError, match=r"'synthetic' needs run\.backbone\.kind: open_clip"):
+        parse_study({**base, "run": {"backbone": tiny_paired_backbone(), "method": {"name": "cma"}}})
 
 
 @pytest.mark.parametrize("name", ["cma_quickstart", "ave_cma_cil", "ave_cma_dil"])

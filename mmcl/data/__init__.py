@@ -24,7 +24,9 @@ __all__ = [
     "Task",
     "TensorTaskDataset",
     "build_benchmark",
+    "benchmark_is_paired",
     "benchmark_task_names",
+    "check_backbone_fits",
     "register_benchmark",
     "registered_benchmarks",
 ]
@@ -115,6 +117,21 @@ def _check_options(entry: _Entry, options: dict[str, Any]) -> None:
         if entry.options_model is not None:
             lines.append(f"  valid options: {', '.join(entry.options_model.model_fields)}")
         raise SpecError("\n".join(lines)) from None
+
+
+def benchmark_is_paired(name: str) -> bool:
+    """Whether ``name`` is a paired-modality benchmark (needs a paired backbone)."""
+    return _entry(BenchmarkSpec(name=name)).takes_preprocess
+
+
+def check_backbone_fits(spec: BenchmarkSpec, backbone_kind: str) -> None:
+    """A paired benchmark needs per-modality encoders; an image benchmark a CLIP."""
+    paired = benchmark_is_paired(spec.name)
+    if paired != (backbone_kind == "paired"):
+        need = "paired (per-modality encoders)" if paired else "open_clip"
+        raise SpecError(
+            f"run.benchmark.name: {spec.name!r} needs run.backbone.kind: {need}, but the backbone is {backbone_kind!r}"
+        )
 
 
 def benchmark_task_names(spec: BenchmarkSpec) -> list[str]:
