@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import default_collate
 
 from cl_methods.cma import alignment_loss, preservation_loss
 from mmcl.engine import prepare, run_continual

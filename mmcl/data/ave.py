@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
 from mmcl.data.base import Benchmark
-from mmcl.data.paired import DOMAINS, PairedDataset, ProtocolOptions, cil_task_names, corrupt, make_tasks
+from mmcl.data.paired import DOMAINS, ProtocolOptions, cil_task_names, corrupt, make_tasks
 from mmcl.spec import SpecError
 
 AVE_NUM_CLASSES = 28
@@ -424,4 +424,4 @@ def _build(train, test, class_names, domains, opts, kinds, sr, root, preprocess,
     return Benchmark(dataset, tasks)
 
 
-__all__ = ["PairedDataset", "build_ave", "build_manifest", "decode_audio", "decode_video"]
+__all__ = ["build_ave", "build_manifest", "decode_audio", "decode_video"]
