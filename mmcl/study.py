@@ -167,9 +167,21 @@ def _orders(stage: OrdersStage, names: list[str], where: str) -> dict[str, list[
     return orders
 
 
+def _check_method_run(run: RunSpec, where: str) -> None:
+    """The method's own checks against the run's length (e.g. one value per task)."""
+    from cl_methods import get_method_class
+
+    cls = get_method_class(run.method.name)
+    try:
+        cls.check_run(cls.Config.model_validate(run.method.config), len(_task_names(run)))
+    except ValueError as e:
+        raise SpecError(f"{where}: {e}") from None
+
+
 def check_stages(study: StudySpec) -> None:
     """Load-time checks of every stage against the run (no data, no Ray, no GPU)."""
     names = _task_names(study.run)  # an unknown benchmark fails here
+    _check_method_run(study.run, "run")
     for i, st in enumerate(study.stages):
         where = f"stages[{i}] ({st.name})"
         apply_overrides(study.run, getattr(st, "overrides", {}), where=f"{where}.overrides")
@@ -177,7 +189,8 @@ def check_stages(study: StudySpec) -> None:
             _sample_space(st.search_space, study.run, where)
         elif isinstance(st, AblationStage):
             for v, ov in _variant_overrides(st, study.run, where).items():
-                apply_overrides(study.run, {**st.overrides, **ov}, where=f"{where}.variants.{v}")
+                varied = apply_overrides(study.run, {**st.overrides, **ov}, where=f"{where}.variants.{v}")
+                _check_method_run(varied, f"{where}.variants.{v}")
         elif isinstance(st, OrdersStage):
             _orders(st, names, where)
 
