@@ -347,7 +347,7 @@ def study_data_needs(study: StudySpec) -> list[tuple[Any, list[str]]]:
         b = run.benchmark
         key = json.dumps([b.name, b.root, b.options], sort_keys=True, default=str)
         names = _task_names(run)
-        spec, seen = needs.setdefault(key, (b, []))
+        seen = needs.setdefault(key, (b, []))[1]
         seen.extend(n for n in names if n not in seen)
 
     add(study.run)

@@ -479,3 +479,18 @@ def test_run_checks_data_before_anything_starts(zscl_root, tmp_path, capsys):
     assert mmcl_main(["run", str(study), "--output", str(out)]) == 2
     assert "MTIL dataset MNIST (layout zscl" in capsys.readouterr().err
     assert not out.exists()  # stopped before the output directory, Ray or any trial
+
+
+def test_a_continual_run_trains_and_evaluates_on_disk_data(coop_root):
+    from mmcl.engine import run_continual
+
+    from .helpers import tiny_run
+
+    clear_cache()
+    run = tiny_run("finetune", num_tasks=2, steps=2).model_copy(deep=True)
+    run.benchmark = BenchmarkSpec(name="mtil", root=str(coop_root), order=["MNIST", "DTD"], options={"shots": 2})
+    run.evaluation.max_samples = 16
+    result = run_continual(run)
+    assert result.task_names == ["MNIST", "DTD"]
+    assert len(result.matrix) == 3 and all(len(row) == 2 for row in result.matrix)  # zero-shot row + 2 tasks
+    assert all(0.0 <= v <= 100.0 for row in result.matrix for v in row)

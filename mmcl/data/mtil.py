@@ -630,8 +630,6 @@ def build_mtil(
     for name in names:
         try:
             train_src, test_src, classnames = _read(name, layout, base, opts)
-        except SpecError:
-            raise
         except (OSError, RuntimeError, ValueError, KeyError, IndexError) as e:
             raise SpecError(_problem(name, layout, base, f"cannot be read ({type(e).__name__}: {e})")) from None
         bad = sorted({y for y in train_src.labels + test_src.labels if not 0 <= y < len(classnames)})
