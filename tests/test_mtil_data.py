@@ -115,7 +115,7 @@ def make_zscl(root: Path) -> Path:
     d = root / "fgvc-aircraft-2013b/data"
     d.mkdir(parents=True)
     (d / "variants.txt").write_text("\n".join(AIRCRAFT) + "\n")
-    for split, off in (("trainval", 0), ("test", 1)):
+    for split, off in (("train", 0), ("test", 1)):
         lines = []
         for y, v in enumerate(AIRCRAFT):
             im = f"{1000000 + 2 * y + off}"
@@ -129,8 +129,8 @@ def make_zscl(root: Path) -> Path:
         for k in range(1, SPLIT_N + 1):
             _jpg(d / f"c{y:03d}" / f"image_{k:04d}.jpg", y)
     _cifar(root / "cifar-100-python", n_train=2)
-    # DTD: images/<class>/ + labels/{train,val,test}1.txt
-    d = root / "dtd"
+    # DTD: torchvision's dtd/dtd/{images/<class>/, labels/{train,val,test}1.txt}
+    d = root / "dtd/dtd"
     parts: dict[str, list[str]] = {"train1": [], "val1": [], "test1": []}
     for y, c in enumerate(DTD):
         for k, part in enumerate(parts):
@@ -207,7 +207,7 @@ COOP_JSON = {  # task -> (folder, image folder, split file, class names written 
     "Food": ("food-101", "images", "split_zhou_Food101.json", list(CLASSNAMES["Food"])),
     "OxfordPet": ("oxford_pets", "images", "split_zhou_OxfordPets.json", [c.lower() for c in OXFORD_PET]),
     "StanfordCars": ("stanford_cars", "", "split_zhou_StanfordCars.json", list(STANFORD_CARS)),
-    "SUN397": ("sun397", "SUN397", "split_zhou_SUN397.json", list(CLASSNAMES["SUN397"])),
+    "SUN397": ("sun397", "SUN397", "split_zhou_SUN397.json", [f"sun {i}" for i in range(397)]),
 }  # fmt: skip
 
 
@@ -305,21 +305,24 @@ def test_zscl_layout_reads_every_dataset(zscl_root, backbone):
     assert [t.name for t in tasks] == ORDER_I
     sizes = {t.name: (len(t.train), len(t.test)) for t in tasks}
     assert sizes == {
-        "Aircraft": (100, 100), "Caltech101": (101 * 4, 101), "CIFAR100": (200, 100), "DTD": (47 * 2, 47),
+        "Aircraft": (100, 100), "Caltech101": (101 * 4, 101), "CIFAR100": (200, 100), "DTD": (47, 47),
         "EuroSAT": (40, 10), "Flowers": (102, 102), "Food": (101, 101), "MNIST": (20, 10),
         "OxfordPet": (37, 37), "StanfordCars": (196, 196), "SUN397": (397 * 4, 397),
     }  # fmt: skip
     for t in tasks:
         assert t.num_classes == N_CLASSES[t.name]
-        assert t.classnames == list(CLASSNAMES[t.name])
+        # SUN397's names come from ClassName.txt ("/s/s000" here), as ZSCL reads them.
+        assert t.classnames == (list(CLASSNAMES[t.name]) if t.name != "SUN397" else [f"s{y:03d}" for y in range(397)])
         assert t.templates and all("{}" in x for x in t.templates)
         assert t.info["layout"] == "zscl"
         assert sorted(set(t.test.labels)) == list(range(t.num_classes)), t.name
         _check_samples(t, backbone)
     by = {t.name: t for t in tasks}
-    assert by["OxfordPet"].classnames[1] == "american bulldog"  # official id 2, not CLIP's list position
+    assert by["OxfordPet"].classnames[1] == "American Bulldog"  # official id 2, not CLIP's list position
+    assert by["MNIST"].classnames[3] == "3 - three" and by["Food"].templates == ["a photo of a {}, a type of food."]
     assert by["EuroSAT"].classnames[2] == "brushland or shrubland"  # folder HerbaceousVegetation
     assert len(by["Caltech101"].templates) == 34 and len(by["CIFAR100"].templates) == 18
+    assert by["StanfordCars"].templates[0] == "a photo of a {}, a type of car." and len(by["StanfordCars"].templates) == 9
 
 
 def test_split_80_20_is_per_class_seeded_and_deterministic(zscl_root):
@@ -335,6 +338,21 @@ def test_split_80_20_is_per_class_seeded_and_deterministic(zscl_root):
         # one test image in each class (round(0.2 * 5) = 1)
         assert sorted(ta.test.labels) == list(range(ta.num_classes))
         assert ta.test.keys != tc.test.keys, "the split seed must matter"
+
+
+def test_zscl_split_rule_and_dtd_unpacked_at_the_root(zscl_root, tmp_path):
+    names = ["Caltech101", "EuroSAT"]
+    a = build_mtil({"layout": "zscl", "split_rule": "zscl"}, 32, 0, root=str(zscl_root), tasks=names).tasks
+    b = build_mtil({"layout": "zscl", "split_rule": "zscl"}, 32, 0, root=str(zscl_root), tasks=names).tasks
+    for ta, tb, n in zip(a, b, (101 * SPLIT_N, 10 * SPLIT_N)):
+        assert (len(ta.train), len(ta.test)) == (int(0.8 * n), n - int(0.8 * n))  # one random_split of all n
+        assert ta.test.keys == tb.test.keys and not set(ta.train.keys) & set(ta.test.keys)
+    # The DTD archive unpacked at the root (dtd/{images,labels}) reads the same files.
+    alt = tmp_path / "alt"
+    shutil.copytree(zscl_root / "dtd/dtd", alt / "dtd")
+    t = build_mtil({"layout": "zscl"}, 32, 0, root=str(alt), tasks=["DTD"]).tasks[0]
+    ref = build_mtil({"layout": "zscl"}, 32, 0, root=str(zscl_root), tasks=["DTD"]).tasks[0]
+    assert (t.train.keys, t.test.keys, t.test.labels) == (ref.train.keys, ref.test.keys, ref.test.labels)
 
 
 def test_coop_layout_reads_split_files(coop_root, backbone):
@@ -432,7 +450,7 @@ def test_missing_dataset_exits_2_naming_dataset_path_layout(zscl_root, tmp_path)
     r = subprocess.run(mmcl_cmd("validate", "--check-data", str(study)), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert "MTIL dataset DTD (layout zscl" in r.stderr
-    assert str(part / "dtd" / "images") in r.stderr and "fix:" in r.stderr
+    assert str(part / "dtd/dtd/images") in r.stderr and "fix:" in r.stderr
     assert "Traceback" not in r.stderr and "MNIST" not in r.stderr.split("DTD", 1)[0]
 
 
@@ -450,10 +468,10 @@ def test_orders_stage_tasks_are_checked_too(zscl_root, tmp_path, capsys):
 def test_incomplete_dataset_names_the_missing_file(zscl_root, coop_root, tmp_path, capsys):
     z = tmp_path / "z"
     shutil.copytree(zscl_root / "dtd", z / "dtd")
-    (z / "dtd/labels/test1.txt").unlink()
+    (z / "dtd/dtd/labels/test1.txt").unlink()
     assert mmcl_main(["validate", "--check-data", str(_study(tmp_path / "z.yaml", z, ["DTD"]))]) == 2
     err = capsys.readouterr().err
-    assert f"missing {z / 'dtd/labels/test1.txt'}" in err and "layout zscl" in err
+    assert f"missing {z / 'dtd/dtd/labels/test1.txt'}" in err and "layout zscl" in err
 
     c = tmp_path / "c"
     shutil.copytree(coop_root / "dtd", c / "dtd")

@@ -25,7 +25,8 @@ Two on-disk layouts (``options.layout``):
 
 Datasets without an official test split (Caltech101, EuroSAT from ``2750``, SUN397 in the
 ZSCL layout; MNIST and CIFAR100 training sets in the CoOp layout, where DIKI holds 20% out
-as validation) are split per class, see :func:`split_per_class`.
+as validation) are split 80/20: per class by default (:func:`split_per_class`), or with
+ZSCL's own unstratified split (``split_rule: zscl``, :func:`split_like_zscl`).
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ class MtilOptions(BaseModel):
     # k training images per class (few-shot MTIL as in CoOp / DIKI); None = all.
     shots: int | None = Field(default=None, ge=1)
     shots_seed: int = 1
-    # Seed of the per-class 80/20 split of datasets without an official test split.
+    # The 80/20 split of datasets without an official test split: per_class (stratified,
+    # see split_per_class) or zscl (ZSCL's own: one torch random_split of the whole set).
+    split_rule: Literal["per_class", "zscl"] = "per_class"
     split_seed: int = 42
 
 
@@ -178,6 +181,18 @@ def split_per_class(labels: list[int], keys: list[str], seed: int, task: str) ->
     return sorted(train), sorted(test)
 
 
+def split_like_zscl(n: int, seed: int) -> tuple[list[int], list[int]]:
+    """ZSCL's split (``ClassificationDataset.split_dataset``): ``torch.utils.data.random_split``
+    of all n samples into ``int(0.8 n)`` train and the rest test, generator seeded with
+    ``seed`` (42 in ZSCL), over the samples in torchvision's order. Not stratified."""
+    import torch
+
+    n_train = int((1 - TEST_FRACTION) * n)
+    train, test = torch.utils.data.random_split(range(n), [n_train, n - n_train],
+                                                generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    return list(train), list(test)
+
+
 def few_shot(labels: list[int], keys: list[str], indices: list[int], k: int, seed: int, task: str) -> list[int]:
     """k indices per class out of ``indices`` (all of a class that has fewer, as CoOp's
     ``repeat=False``): per class sorted by key, then ``random.Random(f"{seed}:{task}:{c}").sample``."""
@@ -212,10 +227,12 @@ class Layout:
 ZSCL: dict[str, Layout] = {
     "Aircraft": Layout("fgvc-aircraft-2013b", [
         "fgvc-aircraft-2013b/data/images", "fgvc-aircraft-2013b/data/variants.txt",
-        "fgvc-aircraft-2013b/data/images_variant_trainval.txt", "fgvc-aircraft-2013b/data/images_variant_test.txt"]),
+        "fgvc-aircraft-2013b/data/images_variant_train.txt", "fgvc-aircraft-2013b/data/images_variant_test.txt"]),
     "Caltech101": Layout("caltech101", ["caltech101/101_ObjectCategories"]),
     "CIFAR100": Layout("cifar-100-python", ["cifar-100-python/train", "cifar-100-python/test"]),
-    "DTD": Layout("dtd", ["dtd/images", "dtd/labels/train1.txt", "dtd/labels/val1.txt", "dtd/labels/test1.txt"]),
+    "DTD": Layout("dtd/dtd or dtd", alternatives=[
+        ["dtd/dtd/images", "dtd/dtd/labels/train1.txt", "dtd/dtd/labels/test1.txt"],
+        ["dtd/images", "dtd/labels/train1.txt", "dtd/labels/test1.txt"]]),
     "EuroSAT": Layout("EuroSAT_splits or eurosat", alternatives=[
         ["EuroSAT_splits/train", "EuroSAT_splits/test"], ["eurosat/2750"]]),
     "Flowers": Layout("flowers-102", ["flowers-102/jpg", "flowers-102/imagelabels.mat", "flowers-102/setid.mat"]),
@@ -291,8 +308,11 @@ def _check_one(task: str, layout: str, root: Path) -> str | None:
     if missing:
         return _problem(task, layout, root, f"missing {root / missing[0]}")
     if lay.alternatives and not any(all((root / p).exists() for p in alt) for alt in lay.alternatives):
-        opts = " or ".join(" + ".join(str(root / p) for p in alt) for alt in lay.alternatives)
-        return _problem(task, layout, root, f"missing {opts}")
+        # Name the first missing file of the form that is most nearly there.
+        best = max(lay.alternatives, key=lambda alt: sum((root / p).exists() for p in alt))
+        first = next(p for p in best if not (root / p).exists())
+        others = " or ".join(" + ".join(alt) for alt in lay.alternatives if alt is not best)
+        return _problem(task, layout, root, f"missing {root / first} (the other accepted form: {others})")
     if lay.split_json:
         path = root / lay.split_json
         if not path.is_file():
@@ -348,7 +368,8 @@ def _zscl_aircraft(root: Path, task: str) -> tuple[Source, Source]:
     from torchvision.datasets import FGVCAircraft
 
     out = []
-    for split in ("trainval", "test"):
+    # ZSCL trains on FGVC's "train" split (not "trainval").
+    for split in ("train", "test"):
         ds = FGVCAircraft(str(root), split=split, annotation_level="variant", download=False)
         out.append(_tv_source(ds, ds._labels, [Path(p).name for p in ds._image_files]))
     return out[0], out[1]
@@ -394,8 +415,11 @@ def _zscl_mnist(root: Path, task: str) -> tuple[Source, Source]:
     return out[0], out[1]
 
 
-def _split_source(src: Source, seed: int, task: str) -> tuple[Source, Source]:
-    train, test = split_per_class(src.labels, src.keys, seed, task)
+def _split_source(src: Source, opts: MtilOptions, task: str) -> tuple[Source, Source]:
+    if opts.split_rule == "zscl":
+        train, test = split_like_zscl(len(src.labels), opts.split_seed)
+    else:
+        train, test = split_per_class(src.labels, src.keys, opts.split_seed, task)
 
     def sub(idx: list[int]) -> Source:
         return Source(_Subset(src.load, idx), [src.labels[i] for i in idx], [src.keys[i] for i in idx])
@@ -411,7 +435,7 @@ class _Subset:
         return self.load(self.idx[i])
 
 
-def _zscl_caltech(root: Path, task: str, seed: int) -> tuple[Source, Source]:
+def _zscl_caltech(root: Path, task: str, opts: MtilOptions) -> tuple[Source, Source]:
     from torchvision.datasets import Caltech101
 
     ds = Caltech101(str(root), target_type="category", download=False)
@@ -420,18 +444,27 @@ def _zscl_caltech(root: Path, task: str, seed: int) -> tuple[Source, Source]:
             f"{root / 'caltech101/101_ObjectCategories'} has {len(ds.categories)} class folders besides "
             f"BACKGROUND_Google, expected {len(CLASSNAMES[task])}")))
     keys = [f"{ds.categories[y]}/image_{i:04d}.jpg" for y, i in zip(ds.y, ds.index)]
-    return _split_source(_tv_source(ds, ds.y, keys), seed, task)
+    return _split_source(_tv_source(ds, ds.y, keys), opts, task)
 
 
-def _zscl_sun(root: Path, task: str, seed: int) -> tuple[Source, Source]:
+def _zscl_sun(root: Path, task: str, opts: MtilOptions) -> tuple[Source, Source, list[str]]:
     from torchvision.datasets import SUN397
 
     ds = SUN397(str(root), download=False)
+    if len(ds.classes) != 397:
+        raise SpecError(_problem(task, "zscl", root, f"{root / 'SUN397/ClassName.txt'} lists {len(ds.classes)} classes, not 397"))
+    # ZSCL's class names: torchvision's ("apse/indoor"), "_" -> " ".
+    names = [c.replace("_", " ") for c in ds.classes]
     keys = [str(Path(p).relative_to(ds._data_dir)) for p in ds._image_files]
-    return _split_source(_tv_source(ds, ds._labels, keys), seed, task)
+    # torchvision lists the files in the filesystem's order; sorted, the split is the same
+    # on every machine.
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
+    src = Source(_Subset(_Torchvision(ds), order), [int(ds._labels[i]) for i in order], [keys[i] for i in order])
+    train, test = _split_source(src, opts, task)
+    return train, test, names
 
 
-def _zscl_eurosat(root: Path, task: str, seed: int) -> tuple[Source, Source]:
+def _zscl_eurosat(root: Path, task: str, opts: MtilOptions) -> tuple[Source, Source]:
     from torchvision.datasets import EuroSAT, ImageFolder
 
     def check_folders(classes: list[str], where: Path) -> None:
@@ -449,7 +482,7 @@ def _zscl_eurosat(root: Path, task: str, seed: int) -> tuple[Source, Source]:
     ds = EuroSAT(str(root), download=False)
     check_folders(ds.classes, root / "eurosat/2750")
     keys = [str(Path(p).relative_to(ds._data_folder)) for p, _ in ds.samples]
-    return _split_source(_tv_source(ds, ds.targets, keys), seed, task)
+    return _split_source(_tv_source(ds, ds.targets, keys), opts, task)
 
 
 def _read_cifar(folder: Path) -> tuple[Source, Source]:
@@ -470,13 +503,22 @@ def _zscl_cifar(root: Path, task: str) -> tuple[Source, Source]:
 
 
 def _zscl_dtd(root: Path, task: str) -> tuple[Source, Source]:
-    # Official dtd-r1.0.1 layout: images/<class>/<file>.jpg and labels/{train,val,test}1.txt
-    # (partition 1). Train = train1 + val1, test = test1.
-    base = root / "dtd"
+    # ZSCL: torchvision's DTD, partition 1, split "train" / "test" (dtd/dtd/{images,labels}).
+    # The archive unpacked at the root (dtd/{images,labels}) is read directly, same files.
     index = {c: i for i, c in enumerate(CLASSNAMES[task])}
+    if (root / "dtd/dtd").is_dir():
+        from torchvision.datasets import DTD
+
+        base = root / "dtd/dtd"
+        splits = []
+        for split in ("train", "test"):
+            ds = DTD(str(root), split=split, partition=1, download=False)
+            splits.append([str(Path(p).relative_to(ds._images_folder)) for p in ds._image_files])
+    else:
+        base = root / "dtd"
+        splits = [_read_lines(base / "labels" / f) for f in ("train1.txt", "test1.txt")]
     out = []
-    for files in (("train1.txt", "val1.txt"), ("test1.txt",)):
-        rels = [r for f in files for r in _read_lines(base / "labels" / f)]
+    for rels in splits:
         unknown = sorted({r.split("/")[0] for r in rels} - set(index))
         if unknown:
             raise SpecError(_problem(task, "zscl", root, f"{base / 'labels'} names unknown classes {', '.join(unknown)}"))
@@ -537,7 +579,7 @@ def _coop_aircraft(root: Path, task: str) -> tuple[Source, Source, list[str]]:
     return out[0], out[1], classes
 
 
-def _coop_mnist(root: Path, task: str, seed: int) -> tuple[Source, Source, list[str]]:
+def _coop_mnist(root: Path, task: str, opts: MtilOptions) -> tuple[Source, Source, list[str]]:
     # DIKI's mnist/ folder holds the four idx files directly; torchvision's readers parse them.
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
@@ -547,15 +589,15 @@ def _coop_mnist(root: Path, task: str, seed: int) -> tuple[Source, Source, list[
         images = read_image_file(str(base / f"{prefix}-images-idx3-ubyte")).numpy()
         labels = read_label_file(str(base / f"{prefix}-labels-idx1-ubyte")).tolist()
         srcs.append(Source(_Arrays(images), labels, [f"{prefix}:{i}" for i in range(len(labels))]))
-    train, _val = _split_source(srcs[0], seed, task)
+    train, _val = _split_source(srcs[0], opts, task)
     return train, srcs[1], list(CLASSNAMES[task])
 
 
-def _coop_cifar(root: Path, task: str, seed: int) -> tuple[Source, Source, list[str]]:
+def _coop_cifar(root: Path, task: str, opts: MtilOptions) -> tuple[Source, Source, list[str]]:
     trainval, test = _read_cifar(root / "cifar100")
     with open(root / "cifar100" / "meta", "rb") as f:
         classes = [c.replace("_", " ") for c in pickle.load(f, encoding="latin1")["fine_label_names"]]
-    train, _val = _split_source(trainval, seed, task)
+    train, _val = _split_source(trainval, opts, task)
     return train, test, classes
 
 
@@ -575,29 +617,29 @@ def default_preprocess(image_size: int) -> Callable[[Any], Any]:
 
 
 def _read(task: str, layout: str, root: Path, opts: MtilOptions) -> tuple[Source, Source, list[str]]:
-    seed = opts.split_seed
     if layout == "zscl":
+        if task == "SUN397":
+            return _zscl_sun(root, task, opts)
         readers: dict[str, Callable[[], tuple[Source, Source]]] = {
             "Aircraft": lambda: _zscl_aircraft(root, task),
-            "Caltech101": lambda: _zscl_caltech(root, task, seed),
+            "Caltech101": lambda: _zscl_caltech(root, task, opts),
             "CIFAR100": lambda: _zscl_cifar(root, task),
             "DTD": lambda: _zscl_dtd(root, task),
-            "EuroSAT": lambda: _zscl_eurosat(root, task, seed),
+            "EuroSAT": lambda: _zscl_eurosat(root, task, opts),
             "Flowers": lambda: _zscl_flowers(root, task),
             "Food": lambda: _zscl_food(root, task),
             "MNIST": lambda: _zscl_mnist(root, task),
             "OxfordPet": lambda: _zscl_pets(root, task),
             "StanfordCars": lambda: _zscl_cars(root, task),
-            "SUN397": lambda: _zscl_sun(root, task, seed),
         }
         train, test = readers[task]()
         return train, test, list(CLASSNAMES[task])
     if task == "Aircraft":
         return _coop_aircraft(root, task)
     if task == "MNIST":
-        return _coop_mnist(root, task, seed)
+        return _coop_mnist(root, task, opts)
     if task == "CIFAR100":
-        return _coop_cifar(root, task, seed)
+        return _coop_cifar(root, task, opts)
     return _coop_json(root, task)
 
 

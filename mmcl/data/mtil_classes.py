@@ -1,10 +1,13 @@
-"""Class names and CLIP prompt templates of the 11 MTIL datasets (data only).
+"""Class names and CLIP prompt templates of the MTIL datasets (data only).
 
-The lists are CLIP's zero-shot class names and templates (openai/CLIP ``data/prompts.md``),
-which ZSCL's MTIL code uses; each list is in the label order of the dataset as
-torchvision / the official archives number it (see :mod:`mmcl.data.mtil`), so that
-``classnames[label]`` is the label's name. The CoOp / DIKI layout takes its class names
-from its own split files instead (as DIKI does); only the templates come from here there.
+The names and templates are those ZSCL's MTIL code (``mtil/src/datasets``) gives each
+dataset: mostly CLIP's zero-shot lists (openai/CLIP ``data/prompts.md``), and for Aircraft,
+Food, MNIST, OxfordPet and StanfordCars torchvision's class names with "_" turned into
+spaces (written out here). Each list is in the dataset's label order as torchvision / the
+official archives number it, so ``classnames[label]`` is the label's name. SUN397's names
+are read from the dataset's own ``ClassName.txt`` (as ZSCL does: torchvision's classes,
+"_" -> " "), so there is no list for it here. The CoOp / DIKI layout takes its class names
+from its split files (as DIKI does); only the templates come from here there.
 """
 
 from __future__ import annotations
@@ -393,6 +396,8 @@ EUROSAT_FOLDERS = {
 }
 EUROSAT = tuple(EUROSAT_FOLDERS[k] for k in sorted(EUROSAT_FOLDERS))
 
+# CLIP's list except three names ZSCL writes differently: "globe-flower",
+# "pink-yellow dahlia", "ball moss" (CLIP: "globe flower", "pink and yellow dahlia", "air plant").
 FLOWERS = _lines("""
 pink primrose
 hard-leaved pocket orchid
@@ -409,7 +414,7 @@ colt's foot
 king protea
 spear thistle
 yellow iris
-globe flower
+globe-flower
 purple coneflower
 peruvian lily
 balloon flower
@@ -453,7 +458,7 @@ bishop of llandaff
 gaura
 geranium
 orange dahlia
-pink and yellow dahlia
+pink-yellow dahlia
 cautleya spicata
 japanese anemone
 black-eyed susan
@@ -486,7 +491,7 @@ watercress
 canna lily
 hippeastrum
 bee balm
-air plant
+ball moss
 foxglove
 bougainvillea
 camellia
@@ -602,48 +607,51 @@ tuna tartare
 waffles
 """)
 
-MNIST = tuple(str(d) for d in range(10))
+# torchvision's MNIST.classes (ZSCL and DIKI both use them; CLIP's list is "0" .. "9").
+MNIST = ("0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
+         "8 - eight", "9 - nine")  # fmt: skip
 
-# The official class ids (annotations/list.txt) sort the breeds case-insensitively;
-# CLIP's list sorts them case-sensitively (cats first), so it is reordered here.
+# torchvision's OxfordIIITPet.classes (title-cased breed ids), in the official class-id
+# order of annotations/list.txt, which ZSCL uses; CLIP's list is cased differently and
+# sorted case-sensitively.
 OXFORD_PET = _lines("""
 Abyssinian
-american bulldog
-american pit bull terrier
-basset hound
-beagle
+American Bulldog
+American Pit Bull Terrier
+Basset Hound
+Beagle
 Bengal
 Birman
 Bombay
-boxer
+Boxer
 British Shorthair
-chihuahua
+Chihuahua
 Egyptian Mau
-english cocker spaniel
-english setter
-german shorthaired
-great pyrenees
-havanese
-japanese chin
-keeshond
-leonberger
+English Cocker Spaniel
+English Setter
+German Shorthaired
+Great Pyrenees
+Havanese
+Japanese Chin
+Keeshond
+Leonberger
 Maine Coon
-miniature pinscher
-newfoundland
+Miniature Pinscher
+Newfoundland
 Persian
-pomeranian
-pug
+Pomeranian
+Pug
 Ragdoll
 Russian Blue
-saint bernard
-samoyed
-scottish terrier
-shiba inu
+Saint Bernard
+Samoyed
+Scottish Terrier
+Shiba Inu
 Siamese
 Sphynx
-staffordshire bull terrier
-wheaten terrier
-yorkshire terrier
+Staffordshire Bull Terrier
+Wheaten Terrier
+Yorkshire Terrier
 """)
 
 STANFORD_CARS = _lines("""
@@ -845,406 +853,6 @@ Volvo XC90 SUV 2007
 smart fortwo Convertible 2012
 """)
 
-SUN397 = _lines("""
-abbey
-airplane cabin
-airport terminal
-alley
-amphitheater
-amusement arcade
-amusement park
-anechoic chamber
-apartment building outdoor
-apse indoor
-aquarium
-aqueduct
-arch
-archive
-arrival gate outdoor
-art gallery
-art school
-art studio
-assembly line
-athletic field outdoor
-atrium public
-attic
-auditorium
-auto factory
-badlands
-badminton court indoor
-baggage claim
-bakery shop
-balcony exterior
-balcony interior
-ball pit
-ballroom
-bamboo forest
-banquet hall
-bar
-barn
-barndoor
-baseball field
-basement
-basilica
-basketball court outdoor
-bathroom
-batters box
-bayou
-bazaar indoor
-bazaar outdoor
-beach
-beauty salon
-bedroom
-berth
-biology laboratory
-bistro indoor
-boardwalk
-boat deck
-boathouse
-bookstore
-booth indoor
-botanical garden
-bow window indoor
-bow window outdoor
-bowling alley
-boxing ring
-brewery indoor
-bridge
-building facade
-bullring
-burial chamber
-bus interior
-butchers shop
-butte
-cabin outdoor
-cafeteria
-campsite
-campus
-canal natural
-canal urban
-candy store
-canyon
-car interior backseat
-car interior frontseat
-carrousel
-casino indoor
-castle
-catacomb
-cathedral indoor
-cathedral outdoor
-cavern indoor
-cemetery
-chalet
-cheese factory
-chemistry lab
-chicken coop indoor
-chicken coop outdoor
-childs room
-church indoor
-church outdoor
-classroom
-clean room
-cliff
-cloister indoor
-closet
-clothing store
-coast
-cockpit
-coffee shop
-computer room
-conference center
-conference room
-construction site
-control room
-control tower outdoor
-corn field
-corral
-corridor
-cottage garden
-courthouse
-courtroom
-courtyard
-covered bridge exterior
-creek
-crevasse
-crosswalk
-cubicle office
-dam
-delicatessen
-dentists office
-desert sand
-desert vegetation
-diner indoor
-diner outdoor
-dinette home
-dinette vehicle
-dining car
-dining room
-discotheque
-dock
-doorway outdoor
-dorm room
-driveway
-driving range outdoor
-drugstore
-electrical substation
-elevator door
-elevator interior
-elevator shaft
-engine room
-escalator indoor
-excavation
-factory indoor
-fairway
-fastfood restaurant
-field cultivated
-field wild
-fire escape
-fire station
-firing range indoor
-fishpond
-florist shop indoor
-food court
-forest broadleaf
-forest needleleaf
-forest path
-forest road
-formal garden
-fountain
-galley
-game room
-garage indoor
-garbage dump
-gas station
-gazebo exterior
-general store indoor
-general store outdoor
-gift shop
-golf course
-greenhouse indoor
-greenhouse outdoor
-gymnasium indoor
-hangar indoor
-hangar outdoor
-harbor
-hayfield
-heliport
-herb garden
-highway
-hill
-home office
-hospital
-hospital room
-hot spring
-hot tub outdoor
-hotel outdoor
-hotel room
-house
-hunting lodge outdoor
-ice cream parlor
-ice floe
-ice shelf
-ice skating rink indoor
-ice skating rink outdoor
-iceberg
-igloo
-industrial area
-inn outdoor
-islet
-jacuzzi indoor
-jail cell
-jail indoor
-jewelry shop
-kasbah
-kennel indoor
-kennel outdoor
-kindergarden classroom
-kitchen
-kitchenette
-labyrinth outdoor
-lake natural
-landfill
-landing deck
-laundromat
-lecture room
-library indoor
-library outdoor
-lido deck outdoor
-lift bridge
-lighthouse
-limousine interior
-living room
-lobby
-lock chamber
-locker room
-mansion
-manufactured home
-market indoor
-market outdoor
-marsh
-martial arts gym
-mausoleum
-medina
-moat water
-monastery outdoor
-mosque indoor
-mosque outdoor
-motel
-mountain
-mountain snowy
-movie theater indoor
-museum indoor
-music store
-music studio
-nuclear power plant outdoor
-nursery
-oast house
-observatory outdoor
-ocean
-office
-office building
-oil refinery outdoor
-oilrig
-operating room
-orchard
-outhouse outdoor
-pagoda
-palace
-pantry
-park
-parking garage indoor
-parking garage outdoor
-parking lot
-parlor
-pasture
-patio
-pavilion
-pharmacy
-phone booth
-physics laboratory
-picnic area
-pilothouse indoor
-planetarium outdoor
-playground
-playroom
-plaza
-podium indoor
-podium outdoor
-pond
-poolroom establishment
-poolroom home
-power plant outdoor
-promenade deck
-pub indoor
-pulpit
-putting green
-racecourse
-raceway
-raft
-railroad track
-rainforest
-reception
-recreation room
-residential neighborhood
-restaurant
-restaurant kitchen
-restaurant patio
-rice paddy
-riding arena
-river
-rock arch
-rope bridge
-ruin
-runway
-sandbar
-sandbox
-sauna
-schoolhouse
-sea cliff
-server room
-shed
-shoe shop
-shopfront
-shopping mall indoor
-shower
-skatepark
-ski lodge
-ski resort
-ski slope
-sky
-skyscraper
-slum
-snowfield
-squash court
-stable
-stadium baseball
-stadium football
-stage indoor
-staircase
-street
-subway interior
-subway station platform
-supermarket
-sushi bar
-swamp
-swimming pool indoor
-swimming pool outdoor
-synagogue indoor
-synagogue outdoor
-television studio
-temple east asia
-temple south asia
-tennis court indoor
-tennis court outdoor
-tent outdoor
-theater indoor procenium
-theater indoor seats
-thriftshop
-throne room
-ticket booth
-toll plaza
-topiary garden
-tower
-toyshop
-track outdoor
-train railway
-train station platform
-tree farm
-tree house
-trench
-underwater coral reef
-utility room
-valley
-van interior
-vegetable garden
-veranda
-veterinarians office
-viaduct
-videostore
-village
-vineyard
-volcano
-volleyball court indoor
-volleyball court outdoor
-waiting room
-warehouse indoor
-water tower
-waterfall block
-waterfall fan
-waterfall plunge
-watering hole
-wave
-wet bar
-wheat field
-wind farm
-windmill
-wine cellar barrel storage
-wine cellar bottle storage
-wrestling ring indoor
-yard
-youth hostel
-""")
-
 # --------------------------------------------------------------------------- templates
 
 _GENERIC_18 = (
@@ -1325,10 +933,13 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "a centered satellite photo of the {}.",
     ),
     "Flowers": ("a photo of a {}, a type of flower.",),
-    "Food": ("a photo of {}, a type of food.",),
+    # ZSCL and DIKI write "a photo of a {}, ..." (CLIP: "a photo of {}, a type of food.").
+    "Food": ("a photo of a {}, a type of food.",),
     "MNIST": ('a photo of the number: "{}".',),
     "OxfordPet": ("a photo of a {}, a type of pet.",),
+    # CLIP's eight with ZSCL's (and DIKI's) "a photo of a {}, a type of car." first.
     "StanfordCars": (
+        "a photo of a {}, a type of car.",
         "a photo of a {}.",
         "a photo of the {}.",
         "a photo of my {}.",
@@ -1352,5 +963,4 @@ CLASSNAMES: dict[str, tuple[str, ...]] = {
     "MNIST": MNIST,
     "OxfordPet": OXFORD_PET,
     "StanfordCars": STANFORD_CARS,
-    "SUN397": SUN397,
 }
