@@ -370,10 +370,10 @@ def check_study_data(study: StudySpec) -> None:
 
 
 def preflight(study: StudySpec) -> None:
-    """Work done once before any trial: data present, pretrained weights cached."""
+    """Work done once before any trial: pretrained weights cached (the data were checked
+    at the start of :func:`run_study`)."""
     from mmcl.backbones import ensure_pretrained
 
-    check_study_data(study)
     b = study.run.backbone
     if b.checkpoint:
         if not Path(b.checkpoint).exists():
@@ -385,7 +385,7 @@ def preflight(study: StudySpec) -> None:
 def run_study(study: StudySpec, out: Path, resume: bool = False) -> Path:
     """Run (or continue) every stage; returns the output directory."""
     # Data first: a missing dataset stops here, before an output directory, Ray or a
-    # minutes-long pretraining exists (preflight repeats the cheap check).
+    # minutes-long pretraining exists.
     check_study_data(study)
     from mmcl import results
     from mmcl.tune import run_stage
