@@ -350,10 +350,42 @@ def best_of_stage(plan: StagePlan, rows: list[dict[str, Any]]) -> dict[str, Any]
     return (max if plan.mode == "max" else min)(done, key=lambda r: r[plan.metric])
 
 
+def study_data_needs(study: StudySpec) -> list[tuple[Any, list[str]]]:
+    """(benchmark spec, task names) pairs every trial of the study may read: the run's
+    tasks, and those of each stage's base run (overrides may change the benchmark) and
+    of each orders-stage trial. No data is touched."""
+    needs: dict[str, tuple[Any, list[str]]] = {}
+
+    def add(run: RunSpec) -> None:
+        b = run.benchmark
+        key = json.dumps([b.name, b.root, b.options], sort_keys=True, default=str)
+        names = _task_names(run)
+        seen = needs.setdefault(key, (b, []))[1]
+        seen.extend(n for n in names if n not in seen)
+
+    add(study.run)
+    for i in range(len(study.stages)):
+        plan = plan_stage(study, i, Path("."), best={})
+        add(plan.base_run)
+        for t in plan.trials:
+            add(plan.resolve({"trial": t.model_dump()})[0])
+    return list(needs.values())
+
+
+def check_study_data(study: StudySpec) -> None:
+    """Open every data root the study's trials will read (``mmcl validate --check-data``
+    and the start of ``mmcl run``): a missing or incomplete dataset is one SpecError that
+    names it, before Ray or any trial starts. Generated benchmarks pass at once."""
+    from mmcl.data import check_benchmark_data
+
+    for spec, names in study_data_needs(study):
+        check_benchmark_data(spec, names)
+
+
 def preflight(study: StudySpec) -> None:
-    """Work done once before any trial: pretrained weights cached, data present."""
+    """Work done once before any trial: pretrained weights cached (the data were checked
+    at the start of :func:`run_study`)."""
     from mmcl.backbones import ensure_pretrained
-    from mmcl.data import build_benchmark
 
     b = study.run.backbone
     if b.checkpoint:
@@ -361,13 +393,13 @@ def preflight(study: StudySpec) -> None:
             raise SpecError(f"run.backbone.checkpoint: no such file {b.checkpoint}")
     elif b.pretrained == "synthetic":
         ensure_pretrained(b)
-    # Building the benchmark once opens every data root (a missing dataset fails here,
-    # before any trial is scheduled).
-    build_benchmark(study.run.benchmark)
 
 
 def run_study(study: StudySpec, out: Path, resume: bool = False) -> Path:
     """Run (or continue) every stage; returns the output directory."""
+    # Data first: a missing dataset stops here, before an output directory, Ray or a
+    # minutes-long pretraining exists.
+    check_study_data(study)
     from mmcl import results
     from mmcl.tune import run_stage
 
