@@ -289,7 +289,7 @@ def resolve_layout(layout: str, root: Path) -> str:
 
 def _fix(task: str, layout: str) -> str:
     return (
-        f"fix: put {task} there as the README's 'MTIL data' section shows for the {layout} layout, "
+        f"fix: put {task} there as the README's 'The MTIL benchmark' section shows for the {layout} layout, "
         f"point run.benchmark.root at the directory that holds it, set run.benchmark.options.layout "
         f"(zscl | coop), or leave {task} out of run.benchmark.order / num_tasks"
     )
@@ -339,13 +339,13 @@ def check_data(options: dict[str, Any], root: str | None, tasks: list[str] | Non
     if not root:
         raise SpecError(
             "run.benchmark.root: the mtil benchmark reads its datasets from disk; set it to the "
-            "directory that holds them (see the README's 'MTIL data' section)"
+            "directory that holds them (see the README's 'The MTIL benchmark' section)"
         )
     base = Path(root).expanduser()
     if not base.is_dir():
         raise SpecError(
             f"run.benchmark.root: {base} is not a directory; the mtil benchmark reads its datasets from it "
-            "(see the README's 'MTIL data' section)"
+            "(see the README's 'The MTIL benchmark' section)"
         )
     layout = resolve_layout(opts.layout, base)
     problems = [p for t in (tasks or TASK_NAMES) if (p := _check_one(t, layout, base))]
