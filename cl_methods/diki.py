@@ -121,14 +121,15 @@ class DIKI(Method):
         feats = [self.backbone.encode_image(b["image"].to(self.ctx.device), normalize=True).float() for b in loader]
         return torch.cat(feats)
 
-    def training_loss(self, batch, task_index):
-        def logits(images, task):
-            t = self._task_index(task)
-            feats = self.prompted.encode_image(images, sets=t, weight=1.0)
-            head = self._text_head(task, t, 1.0, cache=False)
-            return self.backbone.logit_scale() * feats.float() @ head.T
+    def train_logits(self, images: torch.Tensor, task) -> torch.Tensor:
+        """Training logits: ``task``'s own prompts at w = 1 in both towers, with grad."""
+        t = self.task_position(task)
+        feats = self.prompted.encode_image(images, sets=t, weight=1.0)
+        head = self.text_head(task, t, 1.0, cache=False)
+        return self.backbone.logit_scale() * feats.float() @ head.T
 
-        return {"ce": self.task_cross_entropy(logits, batch)}
+    def training_loss(self, batch, task_index):
+        return {"ce": self.task_cross_entropy(self.train_logits, batch)}
 
     def after_task(self, task_index, task):
         # The set stays the trainable one until the next before_task freezes it, so that
@@ -136,13 +137,14 @@ class DIKI(Method):
         self._heads.clear()
 
     # ------------------------------------------------------------------ inference
-    def _task_index(self, task) -> int:
+    def task_position(self, task) -> int:
+        """The task's index in the run's training order (= its prompt set)."""
         for i, t in enumerate(self.ctx.tasks):
             if t.name == task.name:
                 return i
         raise KeyError(f"task {task.name!r} is not part of this run")
 
-    def _text_head(self, task, s: int, w: float, cache: bool = True) -> torch.Tensor:
+    def text_head(self, task, s: int, w: float, cache: bool = True) -> torch.Tensor:
         """Class embeddings of ``task`` through the text tower with prompt set ``s`` at
         weight ``w``: [C, D], L2-normalised (template ensembling as the backbone's heads)."""
         tmpls = list(task.templates) if self.ctx.templates == "all" else list(task.templates[:1])
@@ -171,7 +173,7 @@ class DIKI(Method):
             return None
         B = len(images)
         if self.config.task_id == "oracle":
-            t = self._task_index(task)
+            t = self.task_position(task)
             if t >= n:
                 return None
             return torch.full((B,), t, dtype=torch.long), torch.ones(B)
@@ -195,7 +197,7 @@ class DIKI(Method):
         for s in torch.unique(sets).tolist():
             sel = sets == s
             ws = float(w[sel].mean()) if self.config.text_weight == "batch_mean" else 1.0
-            head = self._text_head(task, s, ws)
+            head = self.text_head(task, s, ws)
             out[sel] = scale * feats[sel] @ head.T
         return out
 

@@ -305,3 +305,11 @@ def test_predict_routes_per_sample_and_oracle():
     m.config = m.config.model_copy(update={"task_id": "oracle"})
     sets, w = m.route(batch["image"], tasks[1])
     assert (sets == 1).all() and (w == 1).all()
+
+
+def test_search_space_names_run_keys():
+    from mmcl.study import _sample_space
+
+    point = _sample_space("diki", tiny_run(method="diki"), "test")
+    assert point["training.optimizer"] == "sgd"
+    assert {"method.prompt_length", "method.prompt_depth", "training.lr"} <= set(point)
