@@ -20,13 +20,13 @@ never copied, its weights stay frozen and shared, and nothing stays installed be
 calls (a plain ``model.encode_image`` outside a prompted call is the untouched model).
 
 Numerics: the wrapper computes ``O`` the way ``F.multi_head_attention_forward`` does (one
-packed in-projection, ``F.scaled_dot_product_attention``, out-projection). With gradients
-enabled that is bit-identical to ``nn.MultiheadAttention``; under ``no_grad`` PyTorch uses
-its fused inference kernel for the frozen model, which differs from it by float rounding
-(about 1e-7). With zero prompt values the prompted model therefore gives the frozen
-model's outputs exactly (training) or within float rounding (inference); the tests pin
-both. Computing ``O`` ourselves (instead of calling the module and projecting ``O_p``
-separately) costs no more matmuls than the frozen block.
+packed in-projection, ``F.scaled_dot_product_attention``, out-projection), so with zero
+prompt values it is bit-identical to ``nn.MultiheadAttention``'s reference path. When no
+input or weight needs grad (evaluation) PyTorch runs the frozen model through its fused
+inference kernel instead, which rounds differently: there the two agree to float rounding
+(about 1e-7 on normalised features). The tests pin both. Computing ``O`` here, rather than
+calling the module and projecting ``O_p`` separately, costs no more matmuls than the
+frozen block.
 
 Capture (for methods that regularise attention, e.g. DAGR)::
 
