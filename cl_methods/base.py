@@ -73,6 +73,11 @@ class Method:
     # as published; an ablation stage lists the names it wants.
     ablations: ClassVar[dict[str, dict[str, Any]]] = {"full": {}}
 
+    @classmethod
+    def check_run(cls, config: MethodConfig, n_tasks: int) -> None:
+        """Checks of the config against the run's length, when the study loads (before
+        any trial): raise ``ValueError`` with the key and the fix. Default: none."""
+
     def __init__(self, config: MethodConfig):
         self.config = config
         # Modules the method adds (prompts, adapters, heads); saved by state_dict().

@@ -167,9 +167,21 @@ def _orders(stage: OrdersStage, names: list[str], where: str) -> dict[str, list[
     return orders
 
 
+def _check_method_run(run: RunSpec, where: str) -> None:
+    """The method's own checks against the run's length (e.g. one value per task)."""
+    from cl_methods import get_method_class
+
+    cls = get_method_class(run.method.name)
+    try:
+        cls.check_run(cls.Config.model_validate(run.method.config), len(_task_names(run)))
+    except ValueError as e:
+        raise SpecError(f"{where}: {e}") from None
+
+
 def check_stages(study: StudySpec) -> None:
     """Load-time checks of every stage against the run (no data, no Ray, no GPU)."""
     names = _task_names(study.run)  # an unknown benchmark fails here
+    _check_method_run(study.run, "run")
     for i, st in enumerate(study.stages):
         where = f"stages[{i}] ({st.name})"
         apply_overrides(study.run, getattr(st, "overrides", {}), where=f"{where}.overrides")
@@ -177,7 +189,8 @@ def check_stages(study: StudySpec) -> None:
             _sample_space(st.search_space, study.run, where)
         elif isinstance(st, AblationStage):
             for v, ov in _variant_overrides(st, study.run, where).items():
-                apply_overrides(study.run, {**st.overrides, **ov}, where=f"{where}.variants.{v}")
+                varied = apply_overrides(study.run, {**st.overrides, **ov}, where=f"{where}.variants.{v}")
+                _check_method_run(varied, f"{where}.variants.{v}")
         elif isinstance(st, OrdersStage):
             _orders(st, names, where)
 
@@ -337,10 +350,42 @@ def best_of_stage(plan: StagePlan, rows: list[dict[str, Any]]) -> dict[str, Any]
     return (max if plan.mode == "max" else min)(done, key=lambda r: r[plan.metric])
 
 
+def study_data_needs(study: StudySpec) -> list[tuple[Any, list[str]]]:
+    """(benchmark spec, task names) pairs every trial of the study may read: the run's
+    tasks, and those of each stage's base run (overrides may change the benchmark) and
+    of each orders-stage trial. No data is touched."""
+    needs: dict[str, tuple[Any, list[str]]] = {}
+
+    def add(run: RunSpec) -> None:
+        b = run.benchmark
+        key = json.dumps([b.name, b.root, b.options], sort_keys=True, default=str)
+        names = _task_names(run)
+        seen = needs.setdefault(key, (b, []))[1]
+        seen.extend(n for n in names if n not in seen)
+
+    add(study.run)
+    for i in range(len(study.stages)):
+        plan = plan_stage(study, i, Path("."), best={})
+        add(plan.base_run)
+        for t in plan.trials:
+            add(plan.resolve({"trial": t.model_dump()})[0])
+    return list(needs.values())
+
+
+def check_study_data(study: StudySpec) -> None:
+    """Open every data root the study's trials will read (``mmcl validate --check-data``
+    and the start of ``mmcl run``): a missing or incomplete dataset is one SpecError that
+    names it, before Ray or any trial starts. Generated benchmarks pass at once."""
+    from mmcl.data import check_benchmark_data
+
+    for spec, names in study_data_needs(study):
+        check_benchmark_data(spec, names)
+
+
 def preflight(study: StudySpec) -> None:
-    """Work done once before any trial: pretrained weights cached, data present."""
+    """Work done once before any trial: pretrained weights cached (the data were checked
+    at the start of :func:`run_study`)."""
     from mmcl.backbones import ensure_pretrained
-    from mmcl.data import build_benchmark
 
     b = study.run.backbone
     if b.checkpoint:
@@ -348,13 +393,13 @@ def preflight(study: StudySpec) -> None:
             raise SpecError(f"run.backbone.checkpoint: no such file {b.checkpoint}")
     elif b.pretrained == "synthetic":
         ensure_pretrained(b)
-    # Building the benchmark once opens every data root (a missing dataset fails here,
-    # before any trial is scheduled).
-    build_benchmark(study.run.benchmark)
 
 
 def run_study(study: StudySpec, out: Path, resume: bool = False) -> Path:
     """Run (or continue) every stage; returns the output directory."""
+    # Data first: a missing dataset stops here, before an output directory, Ray or a
+    # minutes-long pretraining exists.
+    check_study_data(study)
     from mmcl import results
     from mmcl.tune import run_stage
 

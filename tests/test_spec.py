@@ -71,10 +71,15 @@ def test_missing_file_and_directory(tmp_path):
         load_study(tmp_path)
 
 
-def test_shipped_studies_validate():
+def test_shipped_studies_validate_and_plan():
+    """Every study in studies/ (GPU ones too) validates and plans here, without data."""
+    from mmcl.study import describe_plan
+
     for path in sorted((REPO / "studies").glob("*.yaml")):
         study = load_study(path)
         assert study.stages, path
+        plan = describe_plan(study)
+        assert f"study {study.name}" in plan and "total" in plan, path
 
 
 def test_overrides_are_validated():

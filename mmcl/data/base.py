@@ -14,7 +14,7 @@ batches samples, so that replay and joint training can mix tasks in one batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import Dataset
@@ -70,6 +70,12 @@ class TensorTaskDataset(Dataset):
 
 
 class BenchmarkBuilder(Protocol):
-    """What ``mmcl.data.build_benchmark`` dispatches to, one per benchmark name."""
+    """What ``mmcl.data.build_benchmark`` dispatches to, one per benchmark name.
 
-    def __call__(self, options: dict, image_size: int, seed: int) -> Benchmark: ...
+    Generated benchmarks take ``(options, image_size, seed)``. Benchmarks read from disk
+    (registered with a ``check_data``) are also called with keywords ``root`` (the
+    absolute data root), ``preprocess`` (the backbone's image transform, or None: use a
+    default) and ``tasks`` (the task names the run needs, in training order).
+    """
+
+    def __call__(self, options: dict, image_size: int, seed: int, **disk: Any) -> Benchmark: ...
