@@ -36,6 +36,13 @@ log = logging.getLogger(__name__)
 
 # Keys of every tune.report (besides the metrics). ``task`` is ASHA's time attribute.
 REPORT_META = ("task", "n_tasks", "objective", "variant", "order_id", "seed", "error")
+# Method.stats() travel in tune.report and land in trials.parquet under this prefix.
+METHOD_STAT_PREFIX = "method/"
+
+
+def method_stat_columns(stats: dict[str, float]) -> dict[str, float]:
+    """``Method.stats()`` as report keys / trials-table columns: ``method/<name>``."""
+    return {f"{METHOD_STAT_PREFIX}{k}": float(v) for k, v in stats.items()}
 
 
 # --------------------------------------------------------------------------- searcher
@@ -155,6 +162,7 @@ def _trial(config: dict[str, Any], plan_json: str) -> None:
             "run_time_s": elapsed + time.perf_counter() - t_start,
             # -1 for a trial that never restarted; else the task its checkpoint held.
             "resumed_from_task": resumed_from,
+            **method_stat_columns(end.method_stats),
         }
         last.clear()
         last.update(metrics)
@@ -304,6 +312,8 @@ def _trial_rows(plan: StagePlan, grid) -> list[dict[str, Any]]:
                 "wall_time_s": m.get("run_time_s"),
                 "resumed_from_task": m.get("resumed_from_task", -1),
                 "git_sha": sha,
+                # Method.stats() of the trial's last reported task (extra columns).
+                **{k: v for k, v in m.items() if k.startswith(METHOD_STAT_PREFIX)},
             }
         )
     # Tune returns normally after Ctrl-C: trials cut off keep a live status, and trials
