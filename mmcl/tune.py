@@ -29,20 +29,13 @@ import torch
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from mmcl.results import METRIC_COLUMNS, TrialWriter, git_sha
+from mmcl.results import METHOD_STAT_PREFIX, METRIC_COLUMNS, TrialWriter, git_sha, method_stat_columns
 from mmcl.study import StageInterrupted, StagePlan, _task_names
 
 log = logging.getLogger(__name__)
 
 # Keys of every tune.report (besides the metrics). ``task`` is ASHA's time attribute.
 REPORT_META = ("task", "n_tasks", "objective", "variant", "order_id", "seed", "error")
-# Method.stats() travel in tune.report and land in trials.parquet under this prefix.
-METHOD_STAT_PREFIX = "method/"
-
-
-def method_stat_columns(stats: dict[str, float]) -> dict[str, float]:
-    """``Method.stats()`` as report keys / trials-table columns: ``method/<name>``."""
-    return {f"{METHOD_STAT_PREFIX}{k}": float(v) for k, v in stats.items()}
 
 
 # --------------------------------------------------------------------------- searcher

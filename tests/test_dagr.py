@@ -88,17 +88,17 @@ def test_graph_terms_zero_on_the_stored_batch_and_grow_with_a_perturbed_layer(se
     assert all(int(o.sum()) >= 2 for o in old), old
     terms = m.graph_terms(tokens, attn, 1)
     assert set(terms) == {"edge", "multi", "path"}
-    assert all(float(v.detach()) == 0.0 for v in terms.values()), terms
+    assert all(v.detach().item() == 0.0 for v in terms.values()), terms
 
     # Block 0's prompt shapes the input of blocks 1 and 2: every term grows with it.
     small, large = {}, {}
     with _perturbed(m, 0, 0.5):
-        small = {k: float(v) for k, v in _terms(m, images).items()}
+        small = {k: v.detach().item() for k, v in _terms(m, images).items()}
     with _perturbed(m, 0, 3.0):
         large = _terms(m, images)
         sum(large.values()).backward()
         grad = m.prompted.prompts[1].image_values.grad
-    large = {k: float(v) for k, v in large.items()}
+    large = {k: v.detach().item() for k, v in large.items()}
     for k in ("edge", "multi", "path"):
         assert 0.0 < small[k] < large[k], (k, small, large)
     # The gradient reaches block 0's prompt, not the last block's (its output is no graph input).
@@ -106,7 +106,7 @@ def test_graph_terms_zero_on_the_stored_batch_and_grow_with_a_perturbed_layer(se
     m.prompted.prompts[1].image_values.grad = None
     # The last block's prompt only changes the tower's output: the graph does not see it.
     with _perturbed(m, LAYERS - 1, 3.0):
-        assert all(float(v) == 0.0 for v in _terms(m, images).values())
+        assert all(v.detach().item() == 0.0 for v in _terms(m, images).values())
 
 
 def test_new_class_edges_contribute_nothing(setup):
@@ -235,11 +235,21 @@ def test_ablations_switch_terms_off(variant, terms):
 
 
 def test_stats_reach_the_trials_table_columns():
-    from mmcl.tune import METHOD_STAT_PREFIX, method_stat_columns
+    from mmcl.results import METHOD_STAT_PREFIX, method_stat_columns
 
     cols = method_stat_columns({"graph_bytes": 10, "graph_bytes_total": 30.0})
     assert cols == {"method/graph_bytes": 10.0, "method/graph_bytes_total": 30.0}
     assert all(k.startswith(METHOD_STAT_PREFIX) for k in cols)
+
+
+def test_stat_columns_survive_the_trials_table(tmp_path):
+    import pandas as pd
+
+    from mmcl.results import method_stat_columns, write_trials
+
+    write_trials(tmp_path, "s", [{"trial_id": "a", **method_stat_columns({"graph_bytes": 29888})}])
+    df = pd.read_parquet(tmp_path / "parts" / "trials" / "s.parquet")
+    assert df.loc[0, "method/graph_bytes"] == 29888.0
 
 
 def test_search_space_names_run_keys():
