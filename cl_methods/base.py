@@ -115,6 +115,13 @@ class Method:
     def after_task(self, task_index: int, task: "Task") -> None:
         pass
 
+    def stats(self) -> dict[str, float]:
+        """Numbers describing the method's state after a task (e.g. bytes it stores), read
+        by the engine after every row. They reach ``TaskEnd.method_stats`` and the trials
+        table as columns ``method/<name>`` (the values after the trial's last task).
+        Default: none."""
+        return {}
+
     @torch.no_grad()
     def predict(self, batch: dict, task: "Task") -> torch.Tensor:
         """Logits over ``task``'s classes (evaluation uses the task's own class names)."""

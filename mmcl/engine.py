@@ -57,6 +57,7 @@ class TaskEnd:
     trainable_params: int
     peak_memory_mb: float
     task_wall_time_s: float
+    method_stats: dict[str, float] = field(default_factory=dict)  # Method.stats() after this row
 
     @property
     def n_tasks(self) -> int:
@@ -76,6 +77,7 @@ class ContinualResult:
     trainable_params: int = 0
     peak_memory_mb: float = 0.0
     wall_time_s: float = 0.0
+    method_stats: dict[str, float] = field(default_factory=dict)  # Method.stats() at the end
 
 
 # --------------------------------------------------------------------------- helpers
@@ -300,6 +302,7 @@ def run_continual(
                 trainable_params=trainable,
                 peak_memory_mb=_peak_memory_mb(device),
                 task_wall_time_s=time.perf_counter() - t0,
+                method_stats={k: float(v) for k, v in method.stats().items()},
             )
         )
 
@@ -342,6 +345,7 @@ def run_continual(
         trainable_params=trainable,
         peak_memory_mb=_peak_memory_mb(device),
         wall_time_s=time.perf_counter() - t_start,
+        method_stats={k: float(v) for k, v in method.stats().items()},
     )
 
 
