@@ -72,6 +72,9 @@ class Method:
     # Named component variants, as overrides of this method's config. "full" is the method
     # as published; an ablation stage lists the names it wants.
     ablations: ClassVar[dict[str, dict[str, Any]]] = {"full": {}}
+    # "classification": CLIP logits over a task's classes (open_clip backbones);
+    # "generation": text targets on a blip2 / llava backbone, ``predict`` returns strings.
+    track: ClassVar[str] = "classification"
 
     @classmethod
     def check_run(cls, config: MethodConfig, n_tasks: int) -> None:
