@@ -32,10 +32,12 @@ same Q-Former run with the snapshot's parts switched in for one forward.
 Ablations: ``no_moq`` (plain Q*), ``single_adapter`` (never expand), ``adapter_per_task``
 (always expand), ``no_replay``.
 
-Batches: the method reads the model inputs ``pixel_values`` (or ``image``),
-``input_ids``, ``attention_mask`` and ``labels`` from a batch when they are there, and
-otherwise asks the backbone to make them from the text sample keys (see
-:meth:`ECA.model_inputs`).
+Batches: on the generation track (a ``VlmBackbone`` of kind ``blip2``) batches are text
+samples (``image``, ``prompt``, ``target``); the loss is the backbone's
+``lm_loss`` (mean over target tokens, like the generation baselines) and ``predict`` its
+``generate`` (strings). A batch that already holds BLIP-2 model inputs
+(``pixel_values``, ``input_ids``, ``attention_mask``, ``labels``) also works, on a bare
+``Blip2ForConditionalGeneration`` as backbone; ``predict`` then returns token ids.
 """
 
 from __future__ import annotations
@@ -77,14 +79,14 @@ class ECAConfig(MethodConfig):
     replay: bool = True
     replay_weight: float = Field(default=0.1, ge=0.0)  # lambda (BLIP-2: 0.1)
     replay_batch_size: int = Field(default=64, ge=1)  # atoms per step [choice]
-    dictionary_size: int = Field(default=7040, ge=1)
+    # Atoms; None = dictionary_factor x the patch-embedding width (ECA: 5 x 1408 = 7040).
+    dictionary_size: int | None = Field(default=None, ge=1)
+    dictionary_factor: float = Field(default=5.0, gt=0)
     sparsity: float = Field(default=1.0, ge=0.0)  # Lasso alpha
     dictionary_batch_size: int = Field(default=1024, ge=1)
     patches_per_image: int = Field(default=16, ge=1)
     dictionary_max_images: int = Field(default=512, ge=1)
     sparse_max_iter: int = Field(default=200, ge=1)
-    # Generation (evaluation)
-    max_new_tokens: int = Field(default=20, ge=1)
 
     def adapter_sizes(self) -> AdapterSizes:
         return AdapterSizes(attn_width=self.adapter_attn_width, ffn_width=self.adapter_ffn_width, scale=self.adapter_scale)
@@ -94,9 +96,10 @@ class ECAConfig(MethodConfig):
             threshold=self.fisher_threshold, batch_size=self.fisher_batch_size, max_samples=self.fisher_max_samples
         )
 
-    def dictionary(self) -> DictionarySettings:
+    def dictionary(self, width: int) -> DictionarySettings:
+        size = self.dictionary_size or max(1, round(self.dictionary_factor * width))
         return DictionarySettings(
-            size=self.dictionary_size,
+            size=size,
             alpha=self.sparsity,
             batch_size=self.dictionary_batch_size,
             patches_per_image=self.patches_per_image,
@@ -107,8 +110,9 @@ class ECAConfig(MethodConfig):
 
 def blip2_model(backbone: Any) -> nn.Module:
     """The ``Blip2ForConditionalGeneration`` inside a backbone (or the backbone itself)."""
-    for cand in (backbone, getattr(backbone, "model", None)):
-        if cand is not None and hasattr(cand, "qformer") and hasattr(cand, "query_tokens"):
+    for cand in (getattr(backbone, "model", None), backbone):
+        # The transformers model itself (a VlmBackbone also exposes qformer / query_tokens).
+        if cand is not None and all(hasattr(cand, a) for a in ("qformer", "query_tokens", "language_projection")):
             return cand
     raise TypeError(f"ECA needs a BLIP-2 backbone (a Q-Former and query tokens); got {type(backbone).__name__}")
 
@@ -140,6 +144,9 @@ class ECA(Method):
         super().setup(backbone, run, ctx)
         cfg = self.config
         model = self.model = blip2_model(backbone)
+        for task in ctx.tasks:
+            if not getattr(task, "is_text", True):
+                raise ValueError(f"eca: task {task.name!r} has metric {task.metric!r}; ECA needs text tasks (cider, vqa_acc)")
         model.requires_grad_(False)
         qformer = model.qformer
         vision_width = model.config.vision_config.hidden_size
@@ -156,7 +163,7 @@ class ECA(Method):
         self._handles = [install_moq(qformer, self.moq_hook)]
         self._handles += install_adapters(qformer, self.adapters.site_names, lambda: self._active.adapters)
         self.fedex = FeDEx(cfg.fisher())
-        self.dictionary = OnlineDictionary(cfg.dictionary(), vision_width)
+        self.dictionary = OnlineDictionary(cfg.dictionary(vision_width), vision_width)
         self.adapter_of_task: list[int] = []  # which adapter trained on each task (FeDEx bookkeeping)
         self.expanded: list[bool] = []  # whether each task's start added an adapter (logs, tests)
 
@@ -192,27 +199,21 @@ class ECA(Method):
         return params
 
     # ------------------------------------------------------------------ model I/O
-    def model_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
-        """``pixel_values``, ``input_ids``, ``attention_mask``, ``labels`` for the LM loss.
-
-        A batch that already holds token ids is used as is; a text-sample batch
-        (``image``, ``prompt``, ``target``) is tokenised by the backbone's
-        ``training_inputs(batch)``.
-        """
-        if "input_ids" in batch:
-            out = {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
-            out["pixel_values"] = batch["pixel_values"] if "pixel_values" in batch else batch["image"]
-            return out
-        make = getattr(self.backbone, "training_inputs", None)
-        if make is None:
-            raise TypeError("the batch has no input_ids and the backbone cannot tokenise text samples")
-        return make(batch)
+    def _pixels(self, batch: dict) -> torch.Tensor:
+        images = batch["pixel_values"] if "pixel_values" in batch else batch["image"]
+        return images.to(next(self.model.vision_model.parameters()).dtype)
 
     def lm_loss(self, batch: dict) -> torch.Tensor:
-        inputs = self.model_inputs(batch)
-        dtype = next(self.model.vision_model.parameters()).dtype
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        return self.model(**inputs).loss
+        """Teacher-forced LM loss of the batch's targets (ECA's L_ce)."""
+        if "input_ids" in batch:
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
+            return self.model(pixel_values=self._pixels(batch), **inputs).loss
+        return self.backbone.lm_loss(batch["image"], batch["prompt"], batch["target"])
+
+    @torch.no_grad()
+    def image_embeds(self, batch: dict) -> torch.Tensor:
+        """The vision encoder's tokens after its post-layernorm (CLS first)."""
+        return self.model.vision_model(pixel_values=self._pixels(batch), return_dict=True).last_hidden_state
 
     def query_outputs(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """language_projection(Q-Former(queries, image_embeds)): what the LLM receives."""
@@ -251,7 +252,7 @@ class ECA(Method):
     def _grad_stats(self, task_index: int, with_fisher: bool):
         s = self.config.fisher()
         batches = (self._to_device(b) for b in self._loader(task_index, s.max_samples, s.batch_size))
-        size = lambda b: len(b["input_ids"] if "input_ids" in b else b["image"])  # noqa: E731
+        size = lambda b: len(b["pixel_values"] if "pixel_values" in b else b["image"])  # noqa: E731
         return gradient_stats(self.adapters.current_parameters(), batches, self.lm_loss, size, with_fisher)
 
     @torch.no_grad()
@@ -260,10 +261,7 @@ class ECA(Method):
         pending: list[torch.Tensor] = []
         n_pending = 0
         for batch in self._loader(task_index, s.max_images, 32):
-            pixels = self.model_inputs(self._to_device(batch))["pixel_values"]
-            dtype = next(self.model.vision_model.parameters()).dtype
-            emb = self.model.vision_model(pixel_values=pixels.to(dtype), return_dict=True).last_hidden_state
-            patches = emb[:, 1:].float()  # the CLS token is not a patch
+            patches = self.image_embeds(self._to_device(batch))[:, 1:].float()  # the CLS token is not a patch
             k = min(s.patches_per_image, patches.shape[1])
             pick = torch.stack([torch.randperm(patches.shape[1], generator=self.ctx.generator)[:k] for _ in patches])
             chosen = patches[torch.arange(len(patches))[:, None], pick.to(patches.device)].reshape(-1, patches.shape[-1])
@@ -320,17 +318,21 @@ class ECA(Method):
 
     @torch.no_grad()
     def predict(self, batch, task):
-        """Generated text when the backbone can decode, else the new token ids per sample."""
-        gen = getattr(self.backbone, "generate_text", None)
-        if gen is not None and "input_ids" not in batch:
-            return gen(batch, max_new_tokens=self.config.max_new_tokens)
-        pixels = batch["pixel_values"] if "pixel_values" in batch else batch["image"]
-        ids = batch.get("prompt_ids", batch["input_ids"])
-        mask = batch.get("prompt_attention_mask", batch.get("attention_mask"))
-        dtype = next(self.model.vision_model.parameters()).dtype
-        out = self.model.generate(
-            pixel_values=pixels.to(dtype), input_ids=ids, attention_mask=mask, max_new_tokens=self.config.max_new_tokens
-        )
+        """Generated strings (the engine scores them); the hooks make it ECA's model.
+
+        Batches of model inputs (no tokenizer at hand) give the new token ids instead;
+        their ``input_ids`` are the prompt.
+        """
+        ev = getattr(self.run, "evaluation", None)
+        max_new, beams = (ev.max_new_tokens, ev.num_beams) if ev is not None else (20, 1)
+        with self.using(self._live):
+            if "input_ids" not in batch:
+                return self.backbone.generate(batch["image"], batch["prompt"], max_new, beams)
+            ids = batch["input_ids"]
+            out = self.model.generate(
+                pixel_values=self._pixels(batch), input_ids=ids, attention_mask=batch.get("attention_mask"),
+                max_new_tokens=max_new, num_beams=beams, do_sample=False,
+            )  # fmt: skip
         return [row[ids.shape[1] :].tolist() for row in out]
 
     # ------------------------------------------------------------------ state
