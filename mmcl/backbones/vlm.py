@@ -368,6 +368,12 @@ def load_vlm(spec: BackboneSpec, device: str | torch.device = "cpu") -> VlmBackb
     device = torch.device(device)
     directory = resolve_model_dir(spec)
     cls = Blip2ForConditionalGeneration if spec.kind == "blip2" else LlavaForConditionalGeneration
+    expected = {"blip2": "blip-2", "llava": "llava"}[spec.kind]
+    cfg_file = Path(directory) / "config.json"
+    if cfg_file.is_file():
+        found = json.loads(cfg_file.read_text()).get("model_type")
+        if found != expected:  # before from_pretrained, which would fail with a long list
+            raise SpecError(f"run.backbone.kind: {spec.kind!r} but {directory} holds a {found!r} model")
     kw = {"local_files_only": True}
     if spec.cache_dir and spec.path != TINY:
         kw["cache_dir"] = spec.cache_dir
@@ -376,7 +382,7 @@ def load_vlm(spec: BackboneSpec, device: str | torch.device = "cpu") -> VlmBackb
         tokenizer = AutoTokenizer.from_pretrained(directory, **kw)
     except (OSError, ValueError, KeyError) as e:
         raise SpecError(f"run.backbone.path: cannot load a {spec.kind} model and tokenizer from {directory!r}: {e}") from None
-    if getattr(model.config, "model_type", "") != {"blip2": "blip-2", "llava": "llava"}[spec.kind]:
+    if getattr(model.config, "model_type", "") != expected:
         raise SpecError(f"run.backbone.kind: {spec.kind!r} but {directory} holds a {model.config.model_type!r} model")
     stats = _image_stats(directory) if Path(directory).is_dir() else (OPENAI_MEAN, OPENAI_STD)
     backbone = VlmBackbone(model, tokenizer, spec.kind, spec.prompt_format, stats)
