@@ -29,6 +29,16 @@ All parts act through hooks on the real ``Blip2ForConditionalGeneration`` module
 generation code) see ECA without a copy of the model. The old model of replay is the
 same Q-Former run with the snapshot's parts switched in for one forward.
 
+Order at a task start (:meth:`ECA.before_task`): the MoQ gets the new task's key and
+(zero) offset first, then FeDEx measures ``g_new`` on the model as it will train (the new
+key already takes part in the softmax), then the adapter bank expands or not.
+[choice: the paper does not order these.] Statistics for FeDEx are only gathered when
+``expansion`` is ``fedex``.
+
+[choice] Replay atoms are fed as they are (norm <= 1), as the paper describes, although
+real patch embeddings after the ViT's layer norm are much larger; the old and the current
+model see the same atoms, so the loss still measures drift on a fixed probe set.
+
 Ablations: ``no_moq`` (plain Q*), ``single_adapter`` (never expand), ``adapter_per_task``
 (always expand), ``no_replay``.
 

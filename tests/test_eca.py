@@ -523,3 +523,47 @@ def test_ablations_are_valid_configs():
         cls.Config.model_validate(overrides)
     with pytest.raises(ValueError):
         cls.Config.model_validate({"fisher_treshold": 0.3})
+
+
+def test_replay_feeds_atoms_as_one_token_images_to_old_and_current_model(fresh_model):
+    method = make_method(fresh_model, expansion="never")
+    train_task(method, 0)
+    method.before_task(1, None)
+    gen_state = method.ctx.generator.get_state()
+    atoms = method.dictionary.sample(method.config.replay_batch_size, method.ctx.generator)
+    method.ctx.generator.set_state(gen_state)
+    seen: list[torch.Tensor] = []
+    handle = fresh_model.qformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["encoder_hidden_states"].detach().clone()), with_kwargs=True
+    )
+    try:
+        loss = method.replay_loss()
+    finally:
+        handle.remove()
+    assert len(seen) == 2  # the old model, then the current one
+    for enc in seen:
+        assert enc.shape == (len(atoms), 1, 64)
+        torch.testing.assert_close(enc[:, 0], atoms)
+    # The MoQ summary of a 1-token image is the token itself (there is no CLS to drop).
+    torch.testing.assert_close(method.moq_hook.last_summary, atoms)
+    with torch.no_grad(), method.using(method._old, has_cls=False):
+        old = method.query_outputs(atoms[:, None])
+    with torch.no_grad(), method.using(method._live, has_cls=False):
+        new = method.query_outputs(atoms[:, None])
+    torch.testing.assert_close(loss.detach(), torch.nn.functional.mse_loss(new, old))
+    assert old.shape == (len(atoms), N_QUERY, 64)  # projected to the LM width
+    method.remove_hooks()
+
+
+def test_no_moq_keeps_the_pretrained_queries(fresh_model):
+    method = make_method(fresh_model, moq=False, replay=False, expansion="never")
+    terms = train_task(method, 0)
+    assert set(terms) == {"ce"} and method.moq is None
+    seen: list[torch.Tensor] = []
+    handle = fresh_model.qformer.layernorm.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    try:
+        fresh_model(**collate(samples(2, seed=5)))
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seen[0], fresh_model.query_tokens.expand(2, -1, -1), rtol=0, atol=0)
+    method.remove_hooks()
