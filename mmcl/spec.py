@@ -158,7 +158,7 @@ class RunSpec(Strict):
 
 # --------------------------------------------------------------------------- stages
 
-Metric = Literal["avg", "last", "transfer", "bwt", "fwt", "faa", "forgetting", "acc_seen"]
+Metric = Literal["avg", "last", "transfer", "bwt", "fwt", "faa", "faa_weighted", "forgetting", "acc_seen"]
 
 
 class SchedulerSpec(Strict):

@@ -385,6 +385,13 @@ def check_study_data(study: StudySpec) -> None:
 
     for spec, names in study_data_needs(study):
         check_benchmark_data(spec, names)
+    b = study.run.backbone
+    if b.generative and not (b.path or "").startswith("mmcl:"):
+        # A BLIP-2 / LLaVA directory (or cached hub id) is data too: missing weights fail
+        # here, not inside the first trial. (mmcl:tiny is built by preflight.)
+        from mmcl.backbones.vlm import resolve_model_dir
+
+        resolve_model_dir(b)
 
 
 def preflight(study: StudySpec) -> None:
