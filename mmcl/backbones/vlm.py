@@ -216,7 +216,16 @@ class VlmBackbone(nn.Module):
         vcfg = cfg.vision_config
         self.image_size: int = int(vcfg.image_size)
         self.preprocess = ImageTransform(self.image_size, *image_stats)
-        self.image_token_id: int = int(cfg.image_token_index if hasattr(cfg, "image_token_index") else cfg.image_token_id)
+        token = getattr(cfg, "image_token_index", None)
+        if token is None:
+            token = getattr(cfg, "image_token_id", None)
+        if token is None:
+            # Without it transformers cannot place the image features in input_ids.
+            raise SpecError(
+                f"run.backbone.path: the {kind} config has no image_token_index; re-save the model with a "
+                "transformers version whose processor adds the image token (>= 4.47), or set it in config.json"
+            )
+        self.image_token_id = int(token)
         if kind == "blip2":
             self.num_image_tokens = int(cfg.num_query_tokens)
         else:
@@ -275,20 +284,34 @@ class VlmBackbone(nn.Module):
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def _prefix(self, prompt: str) -> list[int]:
+    def _parts(self, prompt: str) -> tuple[str, str]:
+        """The formatted prompt's text before and after the image tokens."""
         text = self.prompt_format.format(prompt=prompt).strip()
-        pre, _, post = text.partition(IMAGE_TOKEN) if IMAGE_TOKEN in text else ("", "", text)
+        if IMAGE_TOKEN in text:
+            pre, _, post = text.partition(IMAGE_TOKEN)
+            return pre.strip(), post.strip()
+        return "", text
+
+    def _prefix(self, prompt: str) -> list[int]:
+        pre, post = self._parts(prompt)
         image = [self.image_token_id] * self.num_image_tokens
         bos = [self.bos_id] if self.bos_id is not None else []
         if self.kind == "blip2":
-            return image + bos + self._encode(pre.strip()) + self._encode(post.strip())
-        return bos + self._encode(pre.strip()) + image + self._encode(post.strip())
+            return image + bos + self._encode(pre) + self._encode(post)
+        return bos + self._encode(pre) + image + self._encode(post)
 
     def _target(self, prompt: str, target: str) -> list[int]:
-        # A space before the target: BPE tokenizers (OPT, Llama) encode " word" as the
-        # word that follows other text; word-level tokenizers ignore it.
-        has_text = bool(self.prompt_format.format(prompt=prompt).strip())
-        return self._encode((" " if has_text else "") + target.strip()) + [self.eos_id]
+        """Target tokens as they follow the prompt: the tail of encoding "prompt target"
+        together. BPE tokenizers (OPT) mark a word after a space differently from a word
+        at the start, SentencePiece ones (Llama) add their own prefix space; encoding the
+        pair and cutting the prompt off gives what the model sees in running text."""
+        _, post = self._parts(prompt)
+        target = target.strip()
+        if not post:
+            return self._encode(target) + [self.eos_id]
+        head, full = self._encode(post), self._encode(post + " " + target)
+        tail = full[len(head):] if full[: len(head)] == head else self._encode(" " + target)
+        return tail + [self.eos_id]
 
     def _pad(self, seqs: list[list[int]], left: bool, value: int) -> torch.Tensor:
         width = max(len(s) for s in seqs)
