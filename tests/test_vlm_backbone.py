@@ -111,3 +111,31 @@ def test_clear_errors_before_loading(tmp_path, saved):
         check_track(RunSpec.model_validate({"backbone": {"kind": "blip2", "path": "mmcl:tiny"}, "method": {"name": "finetune"}}))
     with pytest.raises(SpecError, match="generation-track"):
         check_track(RunSpec.model_validate({"method": {"name": "gen_adapter"}}))
+
+
+def test_targets_tokenise_as_they_follow_the_prompt_with_a_bpe_tokenizer(tmp_path):
+    """A GPT-2-style byte-level BPE (what OPT uses) marks a word after a space ("Ġred")
+    differently from a word at the start: the labelled target must be the former."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Blip2ForConditionalGeneration, PreTrainedTokenizerFast
+
+    from mmcl.data.synthetic_text import corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus() + ["Question: Answer:"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")  # fmt: skip
+    cfg = tiny_config("blip2", len(fast), fast.convert_tokens_to_ids(IMAGE_TOKEN))
+    Blip2ForConditionalGeneration(cfg).save_pretrained(tmp_path)
+    fast.save_pretrained(tmp_path)
+    bb = load_backbone(BackboneSpec(kind="blip2", path=str(tmp_path), prompt_format="Question: {prompt} Answer:"))
+    inp = bb.build_inputs(["what colour is the shape?"], ["red"])
+    labelled = inp["labels"][0][inp["labels"][0] != -100][:-1].tolist()
+    in_context = fast("Answer: red", add_special_tokens=False)["input_ids"]
+    assert labelled == in_context[-len(labelled):]
+    assert labelled != fast("red", add_special_tokens=False)["input_ids"]  # the word-initial form differs
+    assert bb.tokenizer.decode(labelled).strip() == "red"
