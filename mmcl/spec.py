@@ -40,7 +40,8 @@ class BackboneSpec(Strict):
     transformers model loaded with ``from_pretrained(path)``, offline: ``path`` is a
     local directory or a hub id already in the Hugging Face cache; ``mmcl:tiny`` builds
     (once, cached under ``cache_dir``) a tiny random model with a tokenizer of the
-    generated benchmark's words, for CPU smoke runs.
+    generated benchmark's words, for CPU smoke runs; ``mmcl:tiny-pretrained`` trains it
+    once on the generated base domain (:func:`mmcl.backbones.vlm.pretrain_tiny`).
     """
 
     kind: Literal["open_clip", "blip2", "llava"] = "open_clip"

@@ -139,3 +139,14 @@ def test_targets_tokenise_as_they_follow_the_prompt_with_a_bpe_tokenizer(tmp_pat
     assert labelled == in_context[-len(labelled):]
     assert labelled != fast("red", add_special_tokens=False)["input_ids"]  # the word-initial form differs
     assert bb.tokenizer.decode(labelled).strip() == "red"
+
+
+def test_tiny_pretraining_lowers_the_loss_and_saves_in_place(tmp_path):
+    from mmcl.backbones.vlm import pretrain_tiny
+
+    save_tiny("blip2", tmp_path)
+    before = (tmp_path / "model.safetensors").read_bytes()
+    losses = pretrain_tiny(tmp_path, steps=60, batch_size=16, lr=2e-3, n_images=256)
+    assert losses[-1] < losses[0] - 1.0  # from ~ln(vocab) toward the answers' prior
+    assert (tmp_path / "model.safetensors").read_bytes() != before
+    load_backbone(BackboneSpec(kind="blip2", path=str(tmp_path)))  # still loads by path

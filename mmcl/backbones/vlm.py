@@ -29,6 +29,11 @@ padded, generation batches left padded (decoder-only generation continues at the
 ``path: mmcl:tiny`` builds (once per cache directory) a tiny random model of the kind
 with a word-level tokenizer trained on the generated benchmark's text, saves both with
 ``save_pretrained`` and then loads them back by path like any other model.
+``mmcl:tiny-pretrained`` is the same model after :func:`pretrain_tiny` (1500 steps, about
+a minute or two on a CPU, once per cache): it has learnt the benchmark's language (zero-shot
+captions score CIDEr ~75 on ``synthetic_text``) but is only weakly grounded (colour
+answers ~30% against 17% chance, other questions at chance), so fine-tuning has something
+to add and something to forget.
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ from torch import nn
 from mmcl.spec import BackboneSpec, SpecError
 
 TINY = "mmcl:tiny"
+TINY_PRETRAINED = "mmcl:tiny-pretrained"
 TINY_VERSION = "tiny-v1"
+PRETRAIN_STEPS = 1500
 IMAGE_TOKEN = "<image>"
 # open_clip's OPENAI mean / std: the image statistics of BLIP-2's and LLaVA's CLIP-style
 # vision encoders (used when the model directory has no preprocessor_config.json).
@@ -116,9 +123,68 @@ def save_tiny(kind: str, directory: str | Path, seed: int = 0, image_size: int =
     return out
 
 
+def pretrain_tiny(directory: str | Path, steps: int = PRETRAIN_STEPS, batch_size: int = 32, lr: float = 1e-3,
+                  seed: int = 0, n_images: int = 4096) -> list[float]:
+    """Train a saved tiny model (every weight) on the generated scenes of the neutral
+    *base* domain: captions and the four question types of ``synthetic_text``, so that it
+    answers zero-shot while each task's own domain is still a shift (as the tiny CLIP is
+    pretrained for the classification track). Saves the result in place; returns the
+    losses (every 50 steps)."""
+    from transformers import AutoTokenizer, Blip2ForConditionalGeneration, LlavaForConditionalGeneration
+
+    from mmcl.data import synthetic as syn
+    from mmcl.data.synthetic_text import TEXT_TASKS, _answer, _captions
+
+    directory = Path(directory)
+    kind = "blip2" if json.loads((directory / "config.json").read_text())["model_type"] == "blip-2" else "llava"
+    cls = Blip2ForConditionalGeneration if kind == "blip2" else LlavaForConditionalGeneration
+    model = cls.from_pretrained(directory, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    bb = VlmBackbone(model, tok, kind, "{prompt}", (OPENAI_MEAN, OPENAI_STD))
+    g = torch.Generator().manual_seed(seed)
+    with syn.single_thread():
+        n = n_images
+        scenes = syn.sample_scenes(g, n, p_single=0.5)
+        images = syn.normalize(syn.render(scenes, syn.BASE_DOMAIN, g, bb.image_size, jitter_domain=True))
+    # One thread: a 64-wide model gains nothing from two, and on a busy machine OpenMP's
+    # barriers make two threads many times slower (see synthetic.single_thread).
+    with syn.single_thread():
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+        losses = []
+        for step in range(steps):
+            idx = torch.randint(0, n, (batch_size,), generator=g).tolist()
+            kinds = torch.randint(0, len(TEXT_TASKS), (batch_size,), generator=g).tolist()
+            prompts, targets = [], []
+            for i, k in zip(idx, kinds):
+                tdef = TEXT_TASKS[k]
+                if tdef.factor is None:
+                    refs = _captions(scenes, i)
+                    targets.append(refs[int(torch.randint(0, len(refs), (1,), generator=g))])
+                else:
+                    targets.append(_answer(tdef, scenes, i))
+                prompts.append(tdef.question)
+            loss = bb.lm_loss(images[idx], prompts, targets)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if step % 50 == 0 or step == steps - 1:
+                losses.append(float(loss.detach()))
+    model.eval()
+    model.save_pretrained(directory)
+    return losses
+
+
 def _tiny_dir(spec: BackboneSpec) -> Path:
     cache = Path(spec.cache_dir or os.environ.get("MMCL_CACHE", Path.home() / ".cache" / "mmcl")).expanduser()
-    final = cache / f"{TINY_VERSION}-{spec.kind}"
+    pretrained = spec.path == TINY_PRETRAINED
+    from mmcl.data.synthetic_text import GENERATOR_VERSION
+
+    name = f"{TINY_VERSION}-{spec.kind}" + (f"-pretrained-{GENERATOR_VERSION}-{PRETRAIN_STEPS}" if pretrained else "")
+    final = cache / name
     if (final / "config.json").is_file():
         return final
     cache.mkdir(parents=True, exist_ok=True)
@@ -126,6 +192,9 @@ def _tiny_dir(spec: BackboneSpec) -> Path:
     # never see a half-written model.
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{final.name}-"))
     save_tiny(spec.kind, tmp)
+    if pretrained:
+        with torch.random.fork_rng(devices=[]):
+            pretrain_tiny(tmp)
     try:
         tmp.rename(final)
     except OSError:  # another process won the race
@@ -139,7 +208,7 @@ def resolve_model_dir(spec: BackboneSpec) -> str:
     Offline by design: a hub id must already be cached. Every problem is a SpecError
     naming ``run.backbone.path`` and the fix.
     """
-    if spec.path == TINY:
+    if spec.path in (TINY, TINY_PRETRAINED):
         return str(_tiny_dir(spec))
     assert spec.path is not None
     local = Path(spec.path).expanduser()
@@ -398,7 +467,7 @@ def load_vlm(spec: BackboneSpec, device: str | torch.device = "cpu") -> VlmBackb
         if found != expected:  # before from_pretrained, which would fail with a long list
             raise SpecError(f"run.backbone.kind: {spec.kind!r} but {directory} holds a {found!r} model")
     kw = {"local_files_only": True}
-    if spec.cache_dir and spec.path != TINY:
+    if spec.cache_dir and spec.path not in (TINY, TINY_PRETRAINED):
         kw["cache_dir"] = spec.cache_dir
     try:
         model = cls.from_pretrained(directory, dtype=_dtype(spec.dtype, device), **kw)
