@@ -120,7 +120,9 @@ class Method:
 
     @torch.no_grad()
     def predict(self, batch: dict, task: "Task") -> torch.Tensor:
-        """Logits over ``task``'s classes (evaluation uses the task's own class names)."""
+        """Logits over ``task``'s classes (evaluation uses the task's own class names); for a
+        text task (``task.is_text``: cider, vqa_acc) one generated string per sample,
+        which the engine scores with the task's metric."""
         return self.logits(batch["image"], task)
 
     def logits(self, images: torch.Tensor, task: "Task") -> torch.Tensor:
