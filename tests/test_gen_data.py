@@ -186,3 +186,25 @@ def test_vqav2_question_type_and_main_topic_splits(coco_root):
     empty = BenchmarkSpec(name="vqav2", root=str(coco_root), options={"groups": {"living": ["animal"], "food": ["food"]}})
     with pytest.raises(SpecError, match="task 'food'.*0 test"):
         build_benchmark(empty, image_size=16)
+
+
+def test_coco_captions_train_and_score_through_the_engine(coco_root):
+    """Disk images -> the backbone's transform -> batches -> LM loss and CIDEr, end to end."""
+    from mmcl.engine import run_continual
+    from mmcl.spec import RunSpec
+
+    clear_cache()
+    run = RunSpec.model_validate({
+        "device": "cpu", "torch_threads": 1,
+        "backbone": {"kind": "blip2", "path": "mmcl:tiny"},
+        "benchmark": {"name": "coco_caption", "root": str(coco_root), "options": {"groups": GROUPS}, "num_tasks": 2},
+        "method": {"name": "gen_adapter", "config": {"params": "lora"}},
+        "training": {"batch_size": 2, "max_steps": 2, "log_every": 1},
+        "evaluation": {"batch_size": 4, "max_new_tokens": 4},
+    })  # fmt: skip
+    ends = []
+    result = run_continual(run, on_task_end=ends.append)
+    assert result.matrix.shape == (3, 2) and ends[-1].metric_names == {"living": "cider", "street": "cider"}
+    assert ends[-1].n_samples == {"living": 1, "street": 1}
+    # living: 4 (image, caption) pairs -> 2 steps of 2; street: 2 pairs -> 1 step (one epoch).
+    assert all(c["loss"] > 0 for c in result.curves) and [c["task"] for c in result.curves] == [0, 0, 1]
