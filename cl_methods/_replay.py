@@ -26,7 +26,9 @@ from __future__ import annotations
 from typing import Any, Literal, Sequence
 
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
+
+from mmcl.data.base import collate
 
 Strategy = Literal["reservoir", "per_task"]
 SizePer = Literal["total", "task"]
@@ -62,7 +64,8 @@ class ReplayBuffer(Dataset):
     def sample(self, n: int, generator: torch.Generator) -> dict[str, Any]:
         """``n`` stored samples drawn uniformly with replacement, collated as a batch."""
         idx = torch.randint(len(self), (n,), generator=generator)
-        return default_collate([self[i] for i in idx.tolist()])
+        # The engine's collate: text samples (prompts, reference lists) batch as lists.
+        return collate([self[i] for i in idx.tolist()])
 
     # ------------------------------------------------------------------ filling
     def add_task(self, task_index: int, generator: torch.Generator) -> None:

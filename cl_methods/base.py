@@ -72,6 +72,9 @@ class Method:
     # Named component variants, as overrides of this method's config. "full" is the method
     # as published; an ablation stage lists the names it wants.
     ablations: ClassVar[dict[str, dict[str, Any]]] = {"full": {}}
+    # "classification": CLIP logits over a task's classes (open_clip backbones);
+    # "generation": text targets on a blip2 / llava backbone, ``predict`` returns strings.
+    track: ClassVar[str] = "classification"
 
     @classmethod
     def check_run(cls, config: MethodConfig, n_tasks: int) -> None:
@@ -124,7 +127,9 @@ class Method:
 
     @torch.no_grad()
     def predict(self, batch: dict, task: "Task") -> torch.Tensor:
-        """Logits over ``task``'s classes (evaluation uses the task's own class names)."""
+        """Logits over ``task``'s classes (evaluation uses the task's own class names); for a
+        text task (``task.is_text``: cider, vqa_acc) one generated string per sample,
+        which the engine scores with the task's metric."""
         return self.logits(batch["image"], task)
 
     def logits(self, images: torch.Tensor, task: "Task") -> torch.Tensor:

@@ -31,17 +31,55 @@ class Strict(BaseModel):
 class BackboneSpec(Strict):
     """A frozen pretrained model.
 
-    ``pretrained`` is an open_clip tag (``openai``, ``laion2b_s34b_b88k`` ...) or, for the
-    project's tiny offline model, ``synthetic`` (pretrained here and cached on disk);
-    ``checkpoint`` is a local file that wins over ``pretrained``.
+    ``kind: open_clip`` (default): ``pretrained`` is an open_clip tag (``openai``,
+    ``laion2b_s34b_b88k`` ...) or, for the project's tiny offline model, ``synthetic``
+    (pretrained here and cached on disk); ``checkpoint`` is a local file that wins over
+    ``pretrained``.
+
+    ``kind: blip2 | llava`` (the generation track, :mod:`mmcl.backbones.vlm`): a
+    transformers model loaded with ``from_pretrained(path)``, offline: ``path`` is a
+    local directory or a hub id already in the Hugging Face cache; ``mmcl:tiny`` builds
+    (once, cached under ``cache_dir``) a tiny random model with a tokenizer of the
+    generated benchmark's words, for CPU smoke runs; ``mmcl:tiny-pretrained`` trains it
+    once on the generated base domain (:func:`mmcl.backbones.vlm.pretrain_tiny`).
     """
 
-    kind: Literal["open_clip"] = "open_clip"
+    kind: Literal["open_clip", "blip2", "llava"] = "open_clip"
     model: str = "mmcl-tiny-clip"
     pretrained: str | None = "synthetic"
     checkpoint: str | None = None
     # Where pretrained / generated weights are cached; default ~/.cache/mmcl (or $MMCL_CACHE).
     cache_dir: str | None = None
+    # blip2 / llava only.
+    path: str | None = None
+    # Weights' dtype: auto = bfloat16 on a CUDA device that has it, float32 otherwise.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # How a sample's prompt is put to the language model ("{prompt}" is replaced by the
+    # question, or by a caption task's prefix). BLIP-2 OPT: "Question: {prompt} Answer:";
+    # LLaVA-1.5: "USER: <image>\n{prompt} ASSISTANT:" (the image tokens are inserted by
+    # the backbone, so leave <image> out: "USER: {prompt} ASSISTANT:").
+    prompt_format: str = "{prompt}"
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "BackboneSpec":
+        if self.kind == "open_clip":
+            if self.path is not None:
+                raise ValueError("path: only for kind blip2 / llava; an open_clip checkpoint file goes in 'checkpoint'")
+        else:
+            if not self.path:
+                raise ValueError(
+                    f"path: kind {self.kind!r} needs a local model directory or a cached hub id "
+                    "(or 'mmcl:tiny' for the tiny random model)"
+                )
+            if self.checkpoint is not None:
+                raise ValueError(f"checkpoint: only for kind open_clip; kind {self.kind!r} loads from 'path'")
+        if "{prompt}" not in self.prompt_format:
+            raise ValueError("prompt_format: must contain '{prompt}'")
+        return self
+
+    @property
+    def generative(self) -> bool:
+        return self.kind != "open_clip"
 
 
 class BenchmarkSpec(Strict):
@@ -99,6 +137,10 @@ class EvaluationSpec(Strict):
     max_samples: int | None = Field(default=None, ge=1)
     # Text head: average the embeddings of all templates, or use the first one only.
     templates: Literal["all", "first"] = "all"
+    # Text tasks (generation track): greedy decoding (num_beams 1) or beam search, up to
+    # max_new_tokens tokens per answer / caption.
+    max_new_tokens: int = Field(default=20, ge=1)
+    num_beams: int = Field(default=1, ge=1)
 
 
 class RunSpec(Strict):
@@ -117,7 +159,7 @@ class RunSpec(Strict):
 
 # --------------------------------------------------------------------------- stages
 
-Metric = Literal["avg", "last", "transfer", "bwt", "fwt", "faa", "forgetting", "acc_seen"]
+Metric = Literal["avg", "last", "transfer", "bwt", "fwt", "faa", "faa_weighted", "forgetting", "acc_seen"]
 
 
 class SchedulerSpec(Strict):
@@ -353,9 +395,29 @@ def parse_study(data: Any, source: str = "<study>", text: str | None = None) -> 
     return study
 
 
+def check_track(run: RunSpec, where: str = "run") -> None:
+    """A generation method needs a generative backbone (blip2 / llava) and a
+    classification method an open_clip one: say so before anything loads."""
+    from cl_methods import get_method_class
+
+    track = getattr(get_method_class(run.method.name), "track", "classification")
+    if track == "generation" and not run.backbone.generative:
+        raise SpecError(
+            f"{where}.method.name: {run.method.name!r} is a generation-track method; it needs "
+            f"{where}.backbone.kind blip2 or llava (got {run.backbone.kind!r})"
+        )
+    if track == "classification" and run.backbone.generative:
+        raise SpecError(
+            f"{where}.method.name: {run.method.name!r} is a classification (CLIP) method; with "
+            f"{where}.backbone.kind {run.backbone.kind!r} use a generation method (gen_zeroshot, gen_adapter, "
+            "gen_lora, gen_lwf, gen_dgg, ...)"
+        )
+
+
 def validate_run(study: StudySpec) -> None:
     """Checks that need the method registry and the search spaces (no data, no Ray)."""
     validate_method_config(study.run, "run.method")
+    check_track(study.run)
     from mmcl.study import check_stages  # stages know how to check themselves
 
     check_stages(study)

@@ -303,8 +303,10 @@ def describe_plan(study: StudySpec) -> str:
             f"starts from {'the run block' if base == 'run' else 'best of ' + base}; ranks by {st.metric} ({st.mode})"
         )
         lines.append(
-            f"      method {run.method.name}, backbone {run.backbone.model} ({run.backbone.pretrained or run.backbone.checkpoint}), "
-            f"benchmark {run.benchmark.name} with {plan.n_tasks} tasks"
+            f"      method {run.method.name}, backbone "
+            + (f"{run.backbone.kind} ({run.backbone.path}), " if run.backbone.generative
+               else f"{run.backbone.model} ({run.backbone.pretrained or run.backbone.checkpoint}), ")
+            + f"benchmark {run.benchmark.name} with {plan.n_tasks} tasks"
         )
     lines.append(
         f"  total {total} trial(s); each asks for {r.cpu:g} CPU and {r.gpu:g} GPU; "
@@ -324,6 +326,9 @@ def resolve_paths(study: StudySpec, cwd: Path) -> StudySpec:
         b.checkpoint = str((cwd / Path(b.checkpoint).expanduser()).resolve())
     if b.cache_dir:
         b.cache_dir = str((cwd / Path(b.cache_dir).expanduser()).resolve())
+    if b.path and not b.path.startswith("mmcl:") and (cwd / Path(b.path).expanduser()).exists():
+        # A local model directory (a hub id such as "Salesforce/blip2-opt-2.7b" stays as is).
+        b.path = str((cwd / Path(b.path).expanduser()).resolve())
     if s.run.benchmark.root:
         s.run.benchmark.root = str((cwd / Path(s.run.benchmark.root).expanduser()).resolve())
     s.storage = str((cwd / Path(s.storage).expanduser()).resolve())
@@ -380,6 +385,13 @@ def check_study_data(study: StudySpec) -> None:
 
     for spec, names in study_data_needs(study):
         check_benchmark_data(spec, names)
+    b = study.run.backbone
+    if b.generative and not (b.path or "").startswith("mmcl:"):
+        # A BLIP-2 / LLaVA directory (or cached hub id) is data too: missing weights fail
+        # here, not inside the first trial. (mmcl:tiny is built by preflight.)
+        from mmcl.backbones.vlm import resolve_model_dir
+
+        resolve_model_dir(b)
 
 
 def preflight(study: StudySpec) -> None:
@@ -388,6 +400,11 @@ def preflight(study: StudySpec) -> None:
     from mmcl.backbones import ensure_pretrained
 
     b = study.run.backbone
+    if b.generative:
+        from mmcl.backbones.vlm import resolve_model_dir
+
+        resolve_model_dir(b)  # a missing directory / uncached hub id fails before any trial
+        return
     if b.checkpoint:
         if not Path(b.checkpoint).exists():
             raise SpecError(f"run.backbone.checkpoint: no such file {b.checkpoint}")

@@ -1,4 +1,5 @@
-"""Frozen vision-language backbones (open_clip CLIP) and their offline pretraining.
+"""Frozen vision-language backbones (open_clip CLIP; transformers BLIP-2 / LLaVA) and the
+tiny CLIP's offline pretraining.
 
 ``load_backbone`` and ``ensure_pretrained`` are imported lazily by callers; this module
 re-exports them through ``__getattr__`` so that ``import mmcl.backbones`` stays cheap
@@ -10,14 +11,31 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mmcl.backbones.clip import ClipBackbone, load_backbone
+    from mmcl.backbones.clip import ClipBackbone
+    from mmcl.backbones.vlm import VlmBackbone
     from mmcl.backbones.pretrain import ensure_pretrained
 
-__all__ = ["ClipBackbone", "load_backbone", "ensure_pretrained"]
+__all__ = ["ClipBackbone", "VlmBackbone", "load_backbone", "ensure_pretrained"]
+
+
+def load_backbone(spec: Any, device: Any = "cpu") -> Any:
+    """Load ``spec`` (a BackboneSpec): ``kind`` open_clip -> ClipBackbone, blip2 / llava ->
+    :class:`mmcl.backbones.vlm.VlmBackbone`."""
+    if getattr(spec, "kind", "open_clip") in ("blip2", "llava"):
+        from mmcl.backbones.vlm import load_vlm
+
+        return load_vlm(spec, device)
+    from mmcl.backbones.clip import load_backbone as load_clip
+
+    return load_clip(spec, device)
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("ClipBackbone", "load_backbone"):
+    if name == "VlmBackbone":
+        from mmcl.backbones import vlm
+
+        return vlm.VlmBackbone
+    if name == "ClipBackbone":
         from mmcl.backbones import clip
 
         return getattr(clip, name)

@@ -82,6 +82,20 @@ def _ensure_builtin() -> None:
 
     register_benchmark("mtil", mtil.build_mtil, mtil.task_names, mtil.MtilOptions, mtil.check_data)
 
+    # The generation track: a generated caption / VQA stream, and COCO captions / VQAv2
+    # read from disk (json + PIL only when a dataset is read).
+    from mmcl.data import coco, synthetic_text
+
+    register_benchmark(
+        "synthetic_text",
+        synthetic_text.build_synthetic_text,
+        lambda _opts: list(synthetic_text.TASK_NAMES),
+        synthetic_text.SyntheticTextOptions,
+    )
+    register_benchmark("coco_caption", coco.build_coco_caption, coco.caption_task_names, coco.CocoCaptionOptions,
+                       coco.check_caption_data)
+    register_benchmark("vqav2", coco.build_vqav2, coco.vqa_task_names, coco.Vqav2Options, coco.check_vqa_data)
+
 
 def registered_benchmarks() -> list[str]:
     _ensure_builtin()
