@@ -69,12 +69,19 @@ class Method:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    # Which kind of run the method works on: "clip" (an open_clip backbone, image batches)
-    # or "paired" (per-modality encoders, paired benchmarks; see cl_methods/_paired.py).
+    # Which kind of run the method works on (mmcl.spec.TRACK_BACKBONES): "clip" (an
+    # open_clip backbone, image batches, logits over a task's classes), "generation" (text
+    # targets on a blip2 / llava backbone; ``predict`` returns strings) or "paired"
+    # (per-modality encoders, paired benchmarks; see cl_methods/_paired.py).
     track: ClassVar[str] = "clip"
     # Named component variants, as overrides of this method's config. "full" is the method
     # as published; an ablation stage lists the names it wants.
     ablations: ClassVar[dict[str, dict[str, Any]]] = {"full": {}}
+
+    @classmethod
+    def check_run(cls, config: MethodConfig, n_tasks: int) -> None:
+        """Checks of the config against the run's length, when the study loads (before
+        any trial): raise ``ValueError`` with the key and the fix. Default: none."""
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -113,9 +120,18 @@ class Method:
     def after_task(self, task_index: int, task: "Task") -> None:
         pass
 
+    def stats(self) -> dict[str, float]:
+        """Numbers describing the method's state after a task (e.g. bytes it stores), read
+        by the engine after every row. They reach ``TaskEnd.method_stats`` and the trials
+        table as columns ``method/<name>`` (the values after the trial's last task).
+        Default: none."""
+        return {}
+
     @torch.no_grad()
     def predict(self, batch: dict, task: "Task") -> torch.Tensor:
-        """Logits over ``task``'s classes (evaluation uses the task's own class names)."""
+        """Logits over ``task``'s classes (evaluation uses the task's own class names); for a
+        text task (``task.is_text``: cider, vqa_acc) one generated string per sample,
+        which the engine scores with the task's metric."""
         return self.logits(batch["image"], task)
 
     def logits(self, images: torch.Tensor, task: "Task") -> torch.Tensor:

@@ -67,11 +67,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from mmcl.study import plan_stage
+    from mmcl.study import check_study_data, plan_stage
 
     study = _load(args.study, smoke=False)
     n = sum(plan_stage(study, i, Path("."), {}).num_trials for i in range(len(study.stages)))
-    print(f"{args.study}: ok ({study.name}: {len(study.stages)} stage(s), {n} trial(s))")
+    data = ""
+    if args.check_data:
+        check_study_data(study)
+        data = f"; data found under {study.run.benchmark.root}" if study.run.benchmark.root else "; no data to check"
+    print(f"{args.study}: ok ({study.name}: {len(study.stages)} stage(s), {n} trial(s){data})")
     return 0
 
 
@@ -109,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_resume)
     v = sub.add_parser("validate", help="check a study file (no Ray, no data, no GPU)")
     v.add_argument("study")
+    v.add_argument(
+        "--check-data", action="store_true",
+        help="also open every data root the study's trials read (existence of files, no decoding)",
+    )
     v.set_defaults(fn=cmd_validate)
     pl = sub.add_parser("plan", help="show stages, trial counts and resources")
     pl.add_argument("study")

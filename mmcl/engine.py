@@ -57,6 +57,7 @@ class TaskEnd:
     trainable_params: int
     peak_memory_mb: float
     task_wall_time_s: float
+    method_stats: dict[str, float] = field(default_factory=dict)  # Method.stats() after this row
 
     @property
     def n_tasks(self) -> int:
@@ -76,6 +77,7 @@ class ContinualResult:
     trainable_params: int = 0
     peak_memory_mb: float = 0.0
     wall_time_s: float = 0.0
+    method_stats: dict[str, float] = field(default_factory=dict)  # Method.stats() at the end
 
 
 # --------------------------------------------------------------------------- helpers
@@ -159,7 +161,17 @@ def _make_optimizer(params: list[torch.nn.Parameter], run: RunSpec) -> torch.opt
 
 @torch.no_grad()
 def evaluate(method, tasks, run: RunSpec, device: torch.device, amp_dtype) -> tuple[dict, dict, dict]:
-    """Score the method on every task's test split; returns (scores, metric names, sizes)."""
+    """Score the method on every task's test split; returns (scores, metric names, sizes).
+
+    The task's ``metric`` decides how: ``top1`` compares ``method.predict``'s logits with
+    the labels; a text metric (``cider``, ``vqa_acc``) takes the generated strings
+    ``method.predict`` returns and scores them against the samples' ``refs`` with
+    :func:`mmcl.metrics_text.score_text` (CIDEr-D x 100, VQA accuracy in %). CIDEr's
+    document frequencies come from the whole evaluated set, so strings are gathered over
+    all batches and scored once per task.
+    """
+    from mmcl.data.base import collate
+
     ev = run.evaluation
     scores, names, sizes = {}, {}, {}
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
@@ -170,15 +182,32 @@ def evaluate(method, tasks, run: RunSpec, device: torch.device, amp_dtype) -> tu
             g = torch.Generator().manual_seed(0)
             data = Subset(data, torch.randperm(len(data), generator=g)[: ev.max_samples].tolist())
         correct = total = 0
-        for batch in DataLoader(data, batch_size=ev.batch_size, shuffle=False):
+        generated: list[str] = []
+        refs: list[list[str]] = []
+        for batch in DataLoader(data, batch_size=ev.batch_size, shuffle=False, collate_fn=collate):
             batch = _to_device(batch, device)
             with autocast:
-                logits = method.predict(batch, task)
-            correct += int((logits.argmax(-1) == batch["label"]).sum())
-            total += len(batch["label"])
-        if task.metric != "top1":
-            raise ValueError(f"task {task.name}: metric {task.metric!r} is not supported by this engine")
-        scores[task.name] = 100.0 * correct / max(total, 1)
+                out = method.predict(batch, task)
+            if task.metric == "top1":
+                correct += int((out.argmax(-1) == batch["label"]).sum())
+                total += len(batch["label"])
+            else:
+                if not isinstance(out, (list, tuple)) or len(out) != len(batch["refs"]):
+                    raise TypeError(
+                        f"task {task.name} ({task.metric}): {type(method).__name__}.predict must return one generated "
+                        f"string per sample, got {type(out).__name__}"
+                    )
+                generated.extend(str(x) for x in out)
+                refs.extend(batch["refs"])
+                total += len(batch["refs"])
+        if task.metric == "top1":
+            scores[task.name] = 100.0 * correct / max(total, 1)
+        else:
+            from mmcl.metrics_text import TEXT_METRICS, score_text
+
+            if task.metric not in TEXT_METRICS:
+                raise ValueError(f"task {task.name}: metric {task.metric!r} is not supported by this engine")
+            scores[task.name] = score_text(task.metric, generated, refs) if generated else float("nan")
         names[task.name] = task.metric
         sizes[task.name] = total
     return scores, names, sizes
@@ -210,15 +239,16 @@ def prepare(run: RunSpec) -> Prepared:
     from cl_methods import build_method
     from cl_methods.base import MethodContext
     from mmcl.backbones import load_backbone
-    from mmcl.data import build_benchmark
+    from mmcl.data import build_benchmark, check_backbone_fits
+    from mmcl.spec import check_track
 
+    # Method, backbone and benchmark of different tracks fail here, before loading.
+    check_track(run)
+    check_backbone_fits(run.benchmark, run.backbone.kind)
     if run.torch_threads:
         torch.set_num_threads(run.torch_threads)
     device = resolve_device(run.device)
     torch.manual_seed(run.seed)
-    from mmcl.data import check_backbone_fits
-
-    check_backbone_fits(run.benchmark, run.backbone.kind)
     backbone = load_backbone(run.backbone, device)
     bench = build_benchmark(run.benchmark, image_size=backbone.image_size, preprocess=backbone.preprocess)
     tasks = bench.tasks
@@ -303,6 +333,7 @@ def run_continual(
                 trainable_params=trainable,
                 peak_memory_mb=_peak_memory_mb(device),
                 task_wall_time_s=time.perf_counter() - t0,
+                method_stats={k: float(v) for k, v in method.stats().items()},
             )
         )
 
@@ -345,14 +376,19 @@ def run_continual(
         trainable_params=trainable,
         peak_memory_mb=_peak_memory_mb(device),
         wall_time_s=time.perf_counter() - t_start,
+        method_stats={k: float(v) for k, v in method.stats().items()},
     )
 
 
 def _train_task(method, optimizer, t: int, task_name: str, run: RunSpec, device, amp_dtype) -> list[dict]:
+    from mmcl.data.base import collate
+
     tr = run.training
     data = method.train_dataset(t)
     g = torch.Generator().manual_seed(derive_seed(run.seed, "data", t))
-    loader = DataLoader(data, batch_size=tr.batch_size, shuffle=True, generator=g, drop_last=len(data) > tr.batch_size)
+    loader = DataLoader(
+        data, batch_size=tr.batch_size, shuffle=True, generator=g, drop_last=len(data) > tr.batch_size, collate_fn=collate
+    )
     total = max(1, math.ceil(tr.epochs * len(loader)))
     if tr.max_steps:
         total = min(total, tr.max_steps)
@@ -391,7 +427,7 @@ def _train_task(method, optimizer, t: int, task_name: str, run: RunSpec, device,
             optimizer.zero_grad(set_to_none=True)
             lr = sched.get_last_lr()[0]
             sched.step()
-            seen += len(batch["label"])
+            seen += len(batch["image"])
             step += 1
             if step % tr.log_every == 0 or step == total:
                 now = time.perf_counter()

@@ -47,6 +47,15 @@ TRIALS_COLUMNS = [
     "wall_time_s", "git_sha",
 ]  # fmt: skip
 
+# Method.stats() travel in tune.report and land in trials.parquet as extra columns
+# ``method/<name>`` (the values after the trial's last reported task).
+METHOD_STAT_PREFIX = "method/"
+
+
+def method_stat_columns(stats: dict[str, float]) -> dict[str, float]:
+    """``Method.stats()`` as report keys / trials-table columns: ``method/<name>``."""
+    return {f"{METHOD_STAT_PREFIX}{k}": float(v) for k, v in stats.items()}
+
 
 def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,17 +31,55 @@ class Strict(BaseModel):
 class BackboneSpec(Strict):
     """A frozen pretrained model.
 
-    ``pretrained`` is an open_clip tag (``openai``, ``laion2b_s34b_b88k`` ...) or, for the
-    project's tiny offline model, ``synthetic`` (pretrained here and cached on disk);
-    ``checkpoint`` is a local file that wins over ``pretrained``.
+    ``kind: open_clip`` (default): ``pretrained`` is an open_clip tag (``openai``,
+    ``laion2b_s34b_b88k`` ...) or, for the project's tiny offline model, ``synthetic``
+    (pretrained here and cached on disk); ``checkpoint`` is a local file that wins over
+    ``pretrained``.
+
+    ``kind: blip2 | llava`` (the generation track, :mod:`mmcl.backbones.vlm`): a
+    transformers model loaded with ``from_pretrained(path)``, offline: ``path`` is a
+    local directory or a hub id already in the Hugging Face cache; ``mmcl:tiny`` builds
+    (once, cached under ``cache_dir``) a tiny random model with a tokenizer of the
+    generated benchmark's words, for CPU smoke runs; ``mmcl:tiny-pretrained`` trains it
+    once on the generated base domain (:func:`mmcl.backbones.vlm.pretrain_tiny`).
     """
 
-    kind: Literal["open_clip"] = "open_clip"
+    kind: Literal["open_clip", "blip2", "llava"] = "open_clip"
     model: str = "mmcl-tiny-clip"
     pretrained: str | None = "synthetic"
     checkpoint: str | None = None
     # Where pretrained / generated weights are cached; default ~/.cache/mmcl (or $MMCL_CACHE).
     cache_dir: str | None = None
+    # blip2 / llava only.
+    path: str | None = None
+    # Weights' dtype: auto = bfloat16 on a CUDA device that has it, float32 otherwise.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # How a sample's prompt is put to the language model ("{prompt}" is replaced by the
+    # question, or by a caption task's prefix). BLIP-2 OPT: "Question: {prompt} Answer:";
+    # LLaVA-1.5: "USER: <image>\n{prompt} ASSISTANT:" (the image tokens are inserted by
+    # the backbone, so leave <image> out: "USER: {prompt} ASSISTANT:").
+    prompt_format: str = "{prompt}"
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "BackboneSpec":
+        if self.kind == "open_clip":
+            if self.path is not None:
+                raise ValueError("path: only for kind blip2 / llava; an open_clip checkpoint file goes in 'checkpoint'")
+        else:
+            if not self.path:
+                raise ValueError(
+                    f"path: kind {self.kind!r} needs a local model directory or a cached hub id "
+                    "(or 'mmcl:tiny' for the tiny random model)"
+                )
+            if self.checkpoint is not None:
+                raise ValueError(f"checkpoint: only for kind open_clip; kind {self.kind!r} loads from 'path'")
+        if "{prompt}" not in self.prompt_format:
+            raise ValueError("prompt_format: must contain '{prompt}'")
+        return self
+
+    @property
+    def generative(self) -> bool:
+        return self.kind != "open_clip"
 
 
 class ClipVisionEncoderSpec(Strict):
@@ -104,16 +142,16 @@ class PairedBackboneSpec(Strict):
 
 
 def _backbone_kind(v: Any) -> str:
-    # Existing studies leave `kind` out: they mean open_clip.
-    if isinstance(v, dict):
-        return v.get("kind", "open_clip")
-    return getattr(v, "kind", "open_clip")
+    # Existing studies leave `kind` out: they mean open_clip. open_clip, blip2 and llava
+    # share BackboneSpec; paired has its own model.
+    kind = v.get("kind", "open_clip") if isinstance(v, dict) else getattr(v, "kind", "open_clip")
+    return "paired" if kind == "paired" else "open_clip"
 
 
 AnyBackboneSpec = Annotated[
     Union[Annotated[BackboneSpec, Tag("open_clip")], Annotated[PairedBackboneSpec, Tag("paired")]],
     Discriminator(_backbone_kind, custom_error_type="invalid_backbone_kind",
-                  custom_error_message="'kind' must be open_clip or paired"),
+                  custom_error_message="'kind' must be open_clip, blip2, llava or paired"),
 ]
 
 
@@ -172,6 +210,10 @@ class EvaluationSpec(Strict):
     max_samples: int | None = Field(default=None, ge=1)
     # Text head: average the embeddings of all templates, or use the first one only.
     templates: Literal["all", "first"] = "all"
+    # Text tasks (generation track): greedy decoding (num_beams 1) or beam search, up to
+    # max_new_tokens tokens per answer / caption.
+    max_new_tokens: int = Field(default=20, ge=1)
+    num_beams: int = Field(default=1, ge=1)
 
 
 class RunSpec(Strict):
@@ -190,7 +232,7 @@ class RunSpec(Strict):
 
 # --------------------------------------------------------------------------- stages
 
-Metric = Literal["avg", "last", "transfer", "bwt", "fwt", "faa", "forgetting", "acc_seen"]
+Metric = Literal["avg", "last", "transfer", "bwt", "fwt", "faa", "faa_weighted", "forgetting", "acc_seen"]
 
 
 class SchedulerSpec(Strict):
@@ -344,15 +386,7 @@ def validate_method_config(run: RunSpec, where: str = "run.method") -> Any:
             f"{where}.name: unknown method {run.method.name!r}; registered methods: "
             f"{', '.join(registered_methods())}"
         ) from None
-    want = "paired" if getattr(cls, "track", "clip") == "paired" else "open_clip"
-    if run.backbone.kind != want:
-        raise SpecError(
-            f"{where}.name: method {run.method.name!r} works on a {want} backbone but run.backbone.kind is "
-            f"{run.backbone.kind!r}; " + (
-                "use a paired method (cma, pm_finetune, pm_lwf, pm_ewc, pm_er, pm_derpp)"
-                if want == "open_clip" else "set run.backbone.kind: paired with per-modality encoders (README)"
-            )
-        )
+    _check_track(cls, run, where)
     try:
         return cls.Config.model_validate(run.method.config)
     except ValidationError as e:
@@ -435,9 +469,50 @@ def parse_study(data: Any, source: str = "<study>", text: str | None = None) -> 
     return study
 
 
+# Which backbone kinds each method track (``Method.track``) runs on, and how to name
+# the methods of a track in an error message.
+TRACK_BACKBONES: dict[str, tuple[str, ...]] = {
+    "clip": ("open_clip",),
+    "generation": ("blip2", "llava"),
+    "paired": ("paired",),
+}
+_TRACK_LABEL = {"clip": "classification (CLIP)-track", "generation": "generation-track", "paired": "paired-track"}
+_TRACK_METHODS = {
+    "clip": "a CLIP method (finetune, lwf, er, joint, lora, dgg, diki, dagr)",
+    "generation": "a generation method (gen_zeroshot, gen_adapter, gen_lwf, gen_dgg, eca)",
+    "paired": "a paired method (cma, pm_finetune, pm_lwf, pm_ewc, pm_er, pm_derpp)",
+}
+_TRACK_FIX = {
+    "clip": "set run.backbone.kind: open_clip",
+    "generation": "set run.backbone.kind: blip2 or llava with a model path",
+    "paired": "set run.backbone.kind: paired with per-modality encoders (README)",
+}
+
+
+def _check_track(cls: Any, run: RunSpec, where: str) -> None:
+    track = getattr(cls, "track", "clip")
+    kind = run.backbone.kind
+    if kind in TRACK_BACKBONES[track]:
+        return
+    have = next(t for t, kinds in TRACK_BACKBONES.items() if kind in kinds)
+    raise SpecError(
+        f"{where}.name: {run.method.name!r} is a {_TRACK_LABEL[track]} method; it runs on backbone kind "
+        f"{' / '.join(TRACK_BACKBONES[track])}, not {kind!r}: {_TRACK_FIX[track]}, or use {_TRACK_METHODS[have]}"
+    )
+
+
+def check_track(run: RunSpec, where: str = "run") -> None:
+    """A method runs on its track's backbones only (CLIP, generation, paired): say so
+    before anything loads."""
+    from cl_methods import get_method_class
+
+    _check_track(get_method_class(run.method.name), run, f"{where}.method")
+
+
 def validate_run(study: StudySpec) -> None:
     """Checks that need the method registry and the search spaces (no data, no Ray)."""
     validate_method_config(study.run, "run.method")
+    check_track(study.run)
     from mmcl.study import check_stages  # stages know how to check themselves
 
     check_stages(study)

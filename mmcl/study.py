@@ -167,12 +167,24 @@ def _orders(stage: OrdersStage, names: list[str], where: str) -> dict[str, list[
     return orders
 
 
+def _check_method_run(run: RunSpec, where: str) -> None:
+    """The method's own checks against the run's length (e.g. one value per task)."""
+    from cl_methods import get_method_class
+
+    cls = get_method_class(run.method.name)
+    try:
+        cls.check_run(cls.Config.model_validate(run.method.config), len(_task_names(run)))
+    except ValueError as e:
+        raise SpecError(f"{where}: {e}") from None
+
+
 def check_stages(study: StudySpec) -> None:
     """Load-time checks of every stage against the run (no data, no Ray, no GPU)."""
     from mmcl.data import check_backbone_fits
 
     names = _task_names(study.run)  # an unknown benchmark fails here
     check_backbone_fits(study.run.benchmark, study.run.backbone.kind)
+    _check_method_run(study.run, "run")
     for i, st in enumerate(study.stages):
         where = f"stages[{i}] ({st.name})"
         apply_overrides(study.run, getattr(st, "overrides", {}), where=f"{where}.overrides")
@@ -180,7 +192,8 @@ def check_stages(study: StudySpec) -> None:
             _sample_space(st.search_space, study.run, where)
         elif isinstance(st, AblationStage):
             for v, ov in _variant_overrides(st, study.run, where).items():
-                apply_overrides(study.run, {**st.overrides, **ov}, where=f"{where}.variants.{v}")
+                varied = apply_overrides(study.run, {**st.overrides, **ov}, where=f"{where}.variants.{v}")
+                _check_method_run(varied, f"{where}.variants.{v}")
         elif isinstance(st, OrdersStage):
             _orders(st, names, where)
 
@@ -277,6 +290,8 @@ def _describe_backbone(b: Any) -> str:
             else:
                 parts.append(f"{m}: {e.model} ({e.pretrained or e.checkpoint}) frames")
         return "paired [" + "; ".join(parts) + "]"
+    if b.kind in ("blip2", "llava"):
+        return f"{b.kind} ({b.path})"
     return f"{b.model} ({b.pretrained or b.checkpoint})"
 
 
@@ -339,6 +354,9 @@ def resolve_paths(study: StudySpec, cwd: Path) -> StudySpec:
                 e.cache_dir = absolute(e.cache_dir)
     elif b.checkpoint:
         b.checkpoint = absolute(b.checkpoint)
+    if b.kind in ("blip2", "llava") and not b.path.startswith("mmcl:") and (cwd / Path(b.path).expanduser()).exists():
+        # A local model directory (a hub id such as "Salesforce/blip2-opt-2.7b" stays as is).
+        b.path = absolute(b.path)
     if s.run.benchmark.root:
         s.run.benchmark.root = absolute(s.run.benchmark.root)
     # Paired benchmarks' decoded-clip store (a manifest path is relative to the root).
@@ -369,14 +387,58 @@ def best_of_stage(plan: StagePlan, rows: list[dict[str, Any]]) -> dict[str, Any]
     return (max if plan.mode == "max" else min)(done, key=lambda r: r[plan.metric])
 
 
+def study_data_needs(study: StudySpec) -> list[tuple[Any, list[str]]]:
+    """(benchmark spec, task names) pairs every trial of the study may read: the run's
+    tasks, and those of each stage's base run (overrides may change the benchmark) and
+    of each orders-stage trial. No data is touched."""
+    needs: dict[str, tuple[Any, list[str]]] = {}
+
+    def add(run: RunSpec) -> None:
+        b = run.benchmark
+        key = json.dumps([b.name, b.root, b.options], sort_keys=True, default=str)
+        names = _task_names(run)
+        seen = needs.setdefault(key, (b, []))[1]
+        seen.extend(n for n in names if n not in seen)
+
+    add(study.run)
+    for i in range(len(study.stages)):
+        plan = plan_stage(study, i, Path("."), best={})
+        add(plan.base_run)
+        for t in plan.trials:
+            add(plan.resolve({"trial": t.model_dump()})[0])
+    return list(needs.values())
+
+
+def check_study_data(study: StudySpec) -> None:
+    """Open every data root the study's trials will read (``mmcl validate --check-data``
+    and the start of ``mmcl run``): a missing or incomplete dataset is one SpecError that
+    names it, before Ray or any trial starts. Generated benchmarks pass at once."""
+    from mmcl.data import check_benchmark_data
+
+    for spec, names in study_data_needs(study):
+        check_benchmark_data(spec, names)
+    b = study.run.backbone
+    if b.generative and not (b.path or "").startswith("mmcl:"):
+        # A BLIP-2 / LLaVA directory (or cached hub id) is data too: missing weights fail
+        # here, not inside the first trial. (mmcl:tiny is built by preflight.)
+        from mmcl.backbones.vlm import resolve_model_dir
+
+        resolve_model_dir(b)
+
+
 def preflight(study: StudySpec) -> None:
-    """Work done once before any trial: pretrained weights cached, data present."""
+    """Work done once before any trial: pretrained weights cached (the data were checked
+    at the start of :func:`run_study`)."""
     from mmcl.backbones import ensure_pretrained
-    from mmcl.data import build_benchmark
 
     from mmcl.spec import BackboneSpec
 
     b = study.run.backbone
+    if b.kind in ("blip2", "llava"):
+        from mmcl.backbones.vlm import resolve_model_dir
+
+        resolve_model_dir(b)  # a missing directory / uncached hub id fails before any trial
+        return
     clips = [(f"run.backbone.encoders.{m}", e) for m, e in b.encoders.items() if e.kind == "open_clip_vision"] \
         if b.kind == "paired" else [("run.backbone", b)]
     for key, c in clips:
@@ -389,17 +451,17 @@ def preflight(study: StudySpec) -> None:
         # Load the encoders once (a missing AST directory fails here, before any trial);
         # building the benchmark with their preprocess fills any decoded-clip store.
         from mmcl.backbones import load_backbone
+        from mmcl.data import build_benchmark
 
         backbone = load_backbone(b, "cpu")
         build_benchmark(study.run.benchmark, image_size=backbone.image_size, preprocess=backbone.preprocess)
-        return
-    # Building the benchmark once opens every data root (a missing dataset fails here,
-    # before any trial is scheduled).
-    build_benchmark(study.run.benchmark)
 
 
 def run_study(study: StudySpec, out: Path, resume: bool = False) -> Path:
     """Run (or continue) every stage; returns the output directory."""
+    # Data first: a missing dataset stops here, before an output directory, Ray or a
+    # minutes-long pretraining exists.
+    check_study_data(study)
     from mmcl import results
     from mmcl.tune import run_stage
 

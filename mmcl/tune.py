@@ -29,7 +29,7 @@ import torch
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from mmcl.results import METRIC_COLUMNS, TrialWriter, git_sha
+from mmcl.results import METHOD_STAT_PREFIX, METRIC_COLUMNS, TrialWriter, git_sha, method_stat_columns
 from mmcl.study import StageInterrupted, StagePlan, _task_names
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,7 @@ def _trial(config: dict[str, Any], plan_json: str) -> None:
             "run_time_s": elapsed + time.perf_counter() - t_start,
             # -1 for a trial that never restarted; else the task its checkpoint held.
             "resumed_from_task": resumed_from,
+            **method_stat_columns(end.method_stats),
         }
         last.clear()
         last.update(metrics)
@@ -304,6 +305,8 @@ def _trial_rows(plan: StagePlan, grid) -> list[dict[str, Any]]:
                 "wall_time_s": m.get("run_time_s"),
                 "resumed_from_task": m.get("resumed_from_task", -1),
                 "git_sha": sha,
+                # Method.stats() of the trial's last reported task (extra columns).
+                **{k: v for k, v in m.items() if k.startswith(METHOD_STAT_PREFIX)},
             }
         )
     # Tune returns normally after Ctrl-C: trials cut off keep a live status, and trials

@@ -109,3 +109,34 @@ def tiny_paired_run(
             "evaluation": {"batch_size": 64},
         }
     )
+
+
+def tiny_gen_run(
+    method: str = "gen_adapter",
+    config: dict[str, Any] | None = None,
+    kind: str = "blip2",
+    num_tasks: int = 2,
+    steps: int = 3,
+    seed: int = 0,
+    n_train: int = 8,
+    n_test: int = 6,
+    **training: Any,
+) -> RunSpec:
+    """A generation-track run of seconds: a tiny random BLIP-2 / LLaVA (``mmcl:tiny``,
+    saved once and loaded by path), the generated caption / VQA benchmark, a few steps."""
+    return RunSpec.model_validate(
+        {
+            "seed": seed,
+            "device": "cpu",
+            "torch_threads": 1,
+            "backbone": {"kind": kind, "path": "mmcl:tiny"},
+            "benchmark": {
+                "name": "synthetic_text",
+                "num_tasks": num_tasks,
+                "options": {"n_train": n_train, "n_test": n_test},
+            },
+            "method": {"name": method, "config": config or {}},
+            "training": {"batch_size": 4, "max_steps": steps, "log_every": 1, "lr": 1e-3, **training},
+            "evaluation": {"batch_size": 8, "max_new_tokens": 6},
+        }
+    )

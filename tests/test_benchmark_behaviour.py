@@ -1,7 +1,9 @@
 """The offline benchmark behaves like a real CLIP on a task stream (README figures).
 
-With the quickstart's run block and the pretrained tiny CLIP: zero-shot is above chance
-on most tasks, sequential fine-tuning forgets (BWT <= -5 points) and LwF forgets less.
+With the quickstart studies' run blocks and the pretrained tiny CLIP: zero-shot is above
+chance on most tasks, sequential fine-tuning forgets (BWT <= -5 points) and LwF forgets
+less; sequential LoRA fine-tuning forgets and DGG (guidance + replay on the same LoRA)
+forgets less.
 """
 
 from __future__ import annotations
@@ -12,19 +14,17 @@ from mmcl.spec import apply_overrides, load_study
 from .conftest import REPO
 
 
-def _run(method: str):
-    run = load_study(REPO / "studies" / "quickstart.yaml").run
-    # LwF keeps the quickstart's own config (distill_weight 5); finetune has no knobs here.
+def _run(study: str, method: str | None = None, config: dict | None = None):
+    run = load_study(REPO / "studies" / study).run
     ov = {"torch_threads": 2, "seed": 0}
-    if method != run.method.name:
-        ov.update({"method.name": method, "method.config": {}})
-    run = apply_overrides(run, ov)
-    return run_continual(run)
+    if method is not None:
+        ov.update({"method.name": method, "method.config": config or {}})
+    return run_continual(apply_overrides(run, ov))
 
 
 def test_finetune_forgets_and_lwf_forgets_less():
-    ft = _run("finetune")
-    lwf = _run("lwf")
+    ft = _run("quickstart.yaml", "finetune")
+    lwf = _run("quickstart.yaml")  # the quickstart's own LwF config (distill_weight 5)
     zero_shot = ft.matrix[0]
     chance = [100.0 / 6, 100.0 / 6, 25, 25, 25, 25]  # classes per task in the default order
     assert sum(z > c + 10 for z, c in zip(zero_shot, chance)) >= 5, zero_shot
@@ -33,3 +33,12 @@ def test_finetune_forgets_and_lwf_forgets_less():
     # Each task was learned when trained: the diagonal is not below zero-shot on average.
     diag = [ft.matrix[i + 1][i] for i in range(6)]
     assert sum(diag) / 6 >= sum(zero_shot) / 6
+
+
+def test_lora_finetune_forgets_and_dgg_forgets_less():
+    dgg = _run("dgg_quickstart.yaml")  # its own config: alpha 0.2, 50 replayed samples per task
+    lora_cfg = load_study(REPO / "studies" / "dgg_quickstart.yaml").run.method.config["lora"]
+    lora = _run("dgg_quickstart.yaml", "lora", {"lora": lora_cfg})
+    assert lora.metrics["bwt"] <= -4.0, lora.metrics
+    assert dgg.metrics["bwt"] > lora.metrics["bwt"] + 2.0, (dgg.metrics, lora.metrics)
+    assert dgg.metrics["last"] > lora.metrics["last"], (dgg.metrics, lora.metrics)

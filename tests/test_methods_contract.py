@@ -6,9 +6,10 @@
 - a state round trip (state_dict -> fresh model -> load_state_dict) predicts identically.
 
 A new method is covered by registering it; add a case to METHOD_CONFIGS only when its
-defaults need a tweak to run on two tiny tasks. Methods of the paired-modality track
-(``track = "paired"``) run on the tiny generated audio-visual benchmark instead of the
-CLIP one.
+defaults need a tweak to run on two tiny tasks. Methods of other tracks run on their own
+tiny runs: generation methods (``track = "generation"``) on the tiny random BLIP-2 and the
+generated caption / VQA benchmark (their predictions are generated strings), paired
+methods (``track = "paired"``) on the tiny generated audio-visual benchmark.
 """
 
 from __future__ import annotations
@@ -21,9 +22,26 @@ import torch
 from cl_methods import get_method_class, registered_methods
 from mmcl.engine import prepare, run_continual
 
-from .helpers import tiny_paired_run, tiny_run
+from mmcl.data.base import collate
 
-METHOD_CONFIGS: dict[str, dict] = {"er": {"buffer_size": 16}, "pm_er": {"buffer_size": 16}, "pm_derpp": {"buffer_size": 16}}
+from .helpers import tiny_gen_run, tiny_paired_run, tiny_run
+
+METHOD_CONFIGS: dict[str, dict] = {
+    "er": {"buffer_size": 16},
+    "gen_dgg": {"buffer_size": 4, "alpha": 1.0},
+    "pm_er": {"buffer_size": 16},
+    "pm_derpp": {"buffer_size": 16},
+}
+_TINY_RUNS = {"clip": tiny_run, "generation": tiny_gen_run, "paired": tiny_paired_run}
+
+
+def _contract_run(name: str, cls):
+    make = _TINY_RUNS[getattr(cls, "track", "clip")]
+    return make(method=name, config=METHOD_CONFIGS.get(name, {}), num_tasks=2)
+
+
+def _same(a, b) -> bool:
+    return a == b if isinstance(a, list) else torch.equal(a, b)
 HOOKS = ["setup", "before_task", "training_loss", "after_backward", "after_task", "predict"]
 
 
@@ -48,8 +66,7 @@ def test_method_contract(name, monkeypatch):
 
         monkeypatch.setattr(cls, hook, spy)
 
-    make = tiny_paired_run if getattr(cls, "track", "clip") == "paired" else tiny_run
-    run = make(method=name, config=METHOD_CONFIGS.get(name, {}), num_tasks=2)
+    run = _contract_run(name, cls)
     prep = prepare(run)
     initial = {n: p.detach().clone() for n, p in prep.backbone.named_parameters()}
     trained_names: set[str] = set()
@@ -103,11 +120,11 @@ def test_method_contract(name, monkeypatch):
     state = ends[-1].state["method"]
     fresh = prepare(run)
     fresh.method.load_state_dict(state)
-    batch = next(iter(torch.utils.data.DataLoader(prep.tasks[0].test, batch_size=8)))
+    batch = next(iter(torch.utils.data.DataLoader(prep.tasks[0].test, batch_size=8, collate_fn=collate)))
     for task in prep.tasks:
         a = prep.method.predict(batch, task)
         b = fresh.method.predict(batch, task)
-        assert torch.equal(a, b), f"{name}: predictions differ after a state round trip on {task.name}"
+        assert _same(a, b), f"{name}: predictions differ after a state round trip on {task.name}"
 
 
 def test_zeroshot_rows_are_all_equal():

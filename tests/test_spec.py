@@ -20,7 +20,7 @@ EXPECTED = {
     "list_at_top.yaml": ["expected a mapping", "got a list"],
     "syntax_error.yaml": ["YAML syntax error at line 5"],
     "unknown_top_key.yaml": ["stagess: unknown key", "stages: required key is missing"],
-    "unknown_method.yaml": ["run.method.name", "unknown method 'dagrr'", "registered methods: ", "finetune, joint, lwf"],
+    "unknown_method.yaml": ["run.method.name", "unknown method 'dagrr'", "registered methods: ", "finetune", "lwf"],
     "unknown_method_knob.yaml": ["run.method.config.distil_weight: unknown key"],
     "space_param_not_in_config.yaml": ["search space 'lwf'", "'method.distill_weight'", "fix: search_spaces/lwf.py"],
     "unknown_search_space.yaml": ["search_space", "unknown search space 'lwff'", "available:", "lwf"],
@@ -71,10 +71,15 @@ def test_missing_file_and_directory(tmp_path):
         load_study(tmp_path)
 
 
-def test_shipped_studies_validate():
+def test_shipped_studies_validate_and_plan():
+    """Every study in studies/ (GPU ones too) validates and plans here, without data."""
+    from mmcl.study import describe_plan
+
     for path in sorted((REPO / "studies").glob("*.yaml")):
         study = load_study(path)
         assert study.stages, path
+        plan = describe_plan(study)
+        assert f"study {study.name}" in plan and "total" in plan, path
 
 
 def test_overrides_are_validated():

@@ -7,8 +7,8 @@ so what the methods see is the real open_clip ``CLIP`` module and its real
 
 Text heads (one embedding per class, averaged over the task's templates) are the
 expensive part of evaluation for small image batches; :meth:`ClipBackbone.text_head`
-caches them while the text tower is frozen and recomputes them, with gradients, once any
-text parameter trains.
+caches them whenever no gradient can flow into them (a frozen text tower, or any
+evaluation) and recomputes them, with gradients, while a text parameter trains.
 """
 
 from __future__ import annotations
@@ -72,10 +72,11 @@ class ClipBackbone(nn.Module):
         self.model_name = model_name
         size = getattr(model.visual, "image_size", 224)
         self.image_size: int = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self._text_params: list[nn.Parameter] = [p for n, p in model.named_parameters() if _is_text_param(n)]
         # (task key, templates) -> (text-param versions, head); see text_head.
         self._head_cache: dict[tuple, tuple[tuple[int, ...], torch.Tensor]] = {}
         self._token_cache: dict[tuple, torch.Tensor] = {}
+        self._text_params: list[nn.Parameter] = []
+        self.index_parameters()
 
     # ------------------------------------------------------------------ state
     def freeze(self) -> "ClipBackbone":
@@ -87,6 +88,12 @@ class ClipBackbone(nn.Module):
 
     def clear_text_cache(self) -> None:
         self._head_cache.clear()
+
+    def index_parameters(self) -> None:
+        """Re-list the text tower's parameters; call after adding modules to the CLIP
+        (LoRA, prompts), or cached text heads would not notice the new ones change."""
+        self._text_params = [p for n, p in self.model.named_parameters() if _is_text_param(n)]
+        self.clear_text_cache()
 
     @property
     def device(self) -> torch.device:
@@ -127,7 +134,9 @@ class ClipBackbone(nn.Module):
         if not tmpls:
             tmpls = ["{}"]
         key = (task.name, tuple(task.classnames), tuple(tmpls))
-        trains = self._text_trains()
+        # A head is cached whenever no gradient can flow into it: a frozen text tower, or
+        # evaluation (no_grad) of a training one. The version check keeps it fresh.
+        trains = self._text_trains() and torch.is_grad_enabled()
         if not trains:
             hit = self._head_cache.get(key)
             versions = self._versions()

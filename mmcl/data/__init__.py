@@ -2,9 +2,11 @@
 
 A benchmark registers a builder (see :class:`mmcl.data.base.BenchmarkBuilder`) and the
 list of its task names in the default order; the names are known without generating or
-reading any data, so a study can be validated before anything heavy runs. Built
-benchmarks are cached in-process by (name, options, image size): every trial of a study
-running in one worker process builds the data once.
+reading any data, so a study can be validated before anything heavy runs. A benchmark
+read from disk also registers a cheap data check (:func:`check_benchmark_data`), which
+``mmcl validate --check-data`` and the start of ``mmcl run`` call. Built benchmarks are
+cached in-process by (name, options, image size, root, transform, tasks): every trial of
+a study running in one worker process builds the data once.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "benchmark_is_paired",
     "benchmark_task_names",
     "check_backbone_fits",
+    "check_benchmark_data",
     "register_benchmark",
     "registered_benchmarks",
 ]
@@ -41,9 +44,17 @@ class _Entry:
     task_names: Callable[[dict[str, Any]], list[str]]
     # Validates options early (a pydantic model with extra="forbid"), or None.
     options_model: type[BaseModel] | None = None
-    # The builder takes the backbone's ``preprocess`` (benchmarks of raw files / streams
-    # that must be converted to the encoders' input format).
+    # Benchmarks read from disk: check_data(options, root, task_names) raises a SpecError
+    # naming each missing dataset, its expected path and the fix, without decoding images.
+    # Such builders also get root=, preprocess= and tasks= (the names the run needs).
+    check_data: Callable[[dict[str, Any], str | None, list[str]], None] | None = None
+    # Paired-modality benchmarks: the builder takes the backbone's ``preprocess`` (raw
+    # clips converted to the encoders' input format) and ``root``.
     takes_preprocess: bool = False
+
+    @property
+    def reads_files(self) -> bool:
+        return self.check_data is not None
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -54,10 +65,11 @@ def register_benchmark(
     builder: BenchmarkBuilder,
     task_names: Callable[[dict[str, Any]], list[str]],
     options_model: type[BaseModel] | None = None,
+    check_data: Callable[[dict[str, Any], str | None, list[str]], None] | None = None,
     takes_preprocess: bool = False,
 ) -> None:
     """Make ``name`` usable as ``run.benchmark.name``."""
-    _REGISTRY[name] = _Entry(builder, task_names, options_model, takes_preprocess)
+    _REGISTRY[name] = _Entry(builder, task_names, options_model, check_data, takes_preprocess)
 
 
 def _ensure_builtin() -> None:
@@ -69,6 +81,7 @@ def _ensure_builtin() -> None:
     register_benchmark(
         "synthetic", synthetic.build_synthetic, lambda _opts: list(synthetic.TASK_NAMES), synthetic.SyntheticOptions
     )
+
     # The paired-modality track (audio + video); modules import their heavy parts lazily.
     from mmcl.data import ave, paired_synthetic
 
@@ -83,6 +96,26 @@ def _ensure_builtin() -> None:
     register_benchmark(
         "paired_manifest", ave.build_manifest, ave.manifest_task_names, ave.ManifestOptions, takes_preprocess=True
     )
+
+    # mtil imports only pydantic and its class-name tables at module level; torchvision,
+    # PIL and scipy load when a dataset is read.
+    from mmcl.data import mtil
+
+    register_benchmark("mtil", mtil.build_mtil, mtil.task_names, mtil.MtilOptions, mtil.check_data)
+
+    # The generation track: a generated caption / VQA stream, and COCO captions / VQAv2
+    # read from disk (json + PIL only when a dataset is read).
+    from mmcl.data import coco, synthetic_text
+
+    register_benchmark(
+        "synthetic_text",
+        synthetic_text.build_synthetic_text,
+        lambda _opts: list(synthetic_text.TASK_NAMES),
+        synthetic_text.SyntheticTextOptions,
+    )
+    register_benchmark("coco_caption", coco.build_coco_caption, coco.caption_task_names, coco.CocoCaptionOptions,
+                       coco.check_caption_data)
+    register_benchmark("vqav2", coco.build_vqav2, coco.vqa_task_names, coco.Vqav2Options, coco.check_vqa_data)
 
 
 def registered_benchmarks() -> list[str]:
@@ -141,6 +174,25 @@ def benchmark_task_names(spec: BenchmarkSpec) -> list[str]:
     return entry.task_names(spec.options)
 
 
+def _needed_tasks(spec: BenchmarkSpec, default: list[str]) -> list[str]:
+    """The task names a run of ``spec`` trains and evaluates, in order (errors as
+    :func:`_apply_order` gives them, before any data is read)."""
+    stub = Benchmark(spec.name, [Task(n, [], [], None, None) for n in default])  # type: ignore[arg-type]
+    return _apply_order(stub, spec).task_names()
+
+
+def check_benchmark_data(spec: BenchmarkSpec, task_names: list[str] | None = None) -> None:
+    """Open the data roots of ``spec``'s tasks (default: the tasks the run uses): a missing
+    or incomplete dataset is a SpecError naming it, its expected path and the fix.
+    Generated benchmarks have nothing to check."""
+    entry = _entry(spec)
+    _check_options(entry, spec.options)
+    if entry.check_data is None:
+        return
+    names = task_names if task_names is not None else _needed_tasks(spec, entry.task_names(spec.options))
+    entry.check_data(dict(spec.options), spec.root, list(names))
+
+
 def _apply_order(bench: Benchmark, spec: BenchmarkSpec) -> Benchmark:
     tasks = list(bench.tasks)
     if spec.order is not None:
@@ -167,7 +219,7 @@ def _apply_order(bench: Benchmark, spec: BenchmarkSpec) -> Benchmark:
     return Benchmark(bench.name, tasks)
 
 
-# Small LRU of built benchmarks: (name, options json, image size) -> Benchmark.
+# Small LRU of built benchmarks: (name, options json, image size, root, transform, tasks) -> Benchmark.
 _CACHE: OrderedDict[tuple, Benchmark] = OrderedDict()
 _CACHE_SIZE = 4
 
@@ -180,8 +232,10 @@ def build_benchmark(spec: BenchmarkSpec, image_size: int | None = None, preproce
     """Build (or fetch from the in-process cache) the tasks of ``spec`` in training order.
 
     ``image_size`` is the backbone's input size (None: the benchmark's default);
-    ``preprocess`` is the backbone's image transform, for benchmarks read from files
-    (generated benchmarks produce normalised tensors directly and ignore it).
+    ``preprocess`` is the backbone's image transform (open_clip's), applied to every image
+    a benchmark reads from files; generated benchmarks produce normalised tensors directly
+    and ignore it. Benchmarks read from files get ``spec.root``, the transform and the
+    task names the run needs (only those datasets are opened).
     """
     entry = _entry(spec)
     _check_options(entry, spec.options)
@@ -192,17 +246,21 @@ def build_benchmark(spec: BenchmarkSpec, image_size: int | None = None, preproce
             "leave it out to use the backbone's size"
         )
     size = int(image_size or opt_size or DEFAULT_IMAGE_SIZE)
-    # Generated CLIP-track data is already in the model's input format and ignores
-    # ``preprocess``; paired benchmarks convert raw clips with it (its settings are part
-    # of the cache key).
-    pkey = getattr(preprocess, "cache_key", None) if entry.takes_preprocess else None
-    key = (spec.name, json.dumps(spec.options, sort_keys=True, default=str), size, spec.root, pkey)
+    extra: dict[str, Any] = {}
+    key: tuple = (spec.name, json.dumps(spec.options, sort_keys=True, default=str), size)
+    if entry.reads_files:
+        needed = _needed_tasks(spec, entry.task_names(spec.options))
+        extra = {"root": spec.root, "preprocess": preprocess, "tasks": needed}
+        # A transform's repr lists its steps and sizes: two backbones with the same
+        # preprocessing share the built benchmark.
+        key = (*key, spec.root, repr(preprocess), tuple(needed))
+    elif entry.takes_preprocess:
+        # Paired benchmarks convert raw clips with ``preprocess``; its settings key the cache.
+        extra = {"preprocess": preprocess, "root": spec.root}
+        key = (*key, spec.root, getattr(preprocess, "cache_key", None))
     bench = _CACHE.get(key)
     if bench is None:
-        if entry.takes_preprocess:
-            bench = entry.builder(dict(spec.options), size, 0, preprocess=preprocess, root=spec.root)
-        else:
-            bench = entry.builder(dict(spec.options), size, 0)
+        bench = entry.builder(dict(spec.options), size, 0, **extra)
         _CACHE[key] = bench
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)

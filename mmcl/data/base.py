@@ -7,6 +7,15 @@ audio) can add keys without changing the engine:
 
     {"image": FloatTensor[3, H, W] (already preprocessed), "label": int}
 
+Tasks whose targets are text (captioning, open-ended VQA; ``metric`` ``cider`` or
+``vqa_acc``) have no classes; their samples are
+
+    {"image": FloatTensor[3, H, W], "prompt": str, "target": str, "refs": list[str]}
+
+``prompt`` is the question (or a caption task's prefix, often ""), ``target`` the text a
+method trains on, ``refs`` every reference the metric scores a generation against (five
+captions, ten human answers). Batches of such samples are made with :func:`collate`.
+
 The engine adds ``"task"`` (the task's position in the benchmark's base order) when it
 batches samples, so that replay and joint training can mix tasks in one batch.
 """
@@ -14,7 +23,7 @@ batches samples, so that replay and joint training can mix tasks in one batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import Dataset
@@ -33,6 +42,7 @@ class Task:
     templates: list[str]
     train: Dataset
     test: Dataset
+    # "top1" (classification), "cider" or "vqa_acc" (text targets, see mmcl.metrics_text).
     metric: str = "top1"
     # Free-form facts a report may show (domain description, sizes ...).
     info: dict = field(default_factory=dict)
@@ -40,6 +50,11 @@ class Task:
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
+
+    @property
+    def is_text(self) -> bool:
+        """Targets are text, scored on generated strings (not class logits)."""
+        return self.metric != "top1"
 
 
 @dataclass
@@ -69,7 +84,49 @@ class TensorTaskDataset(Dataset):
         return {"image": self.images[i], "label": int(self.labels[i])}
 
 
-class BenchmarkBuilder(Protocol):
-    """What ``mmcl.data.build_benchmark`` dispatches to, one per benchmark name."""
+class TextTaskDataset(Dataset):
+    """Images (a tensor, or any indexable that yields preprocessed image tensors) with
+    one prompt, one training target and the metric's references per sample."""
 
-    def __call__(self, options: dict, image_size: int, seed: int) -> Benchmark: ...
+    def __init__(self, images: Any, prompts: list[str], targets: list[str], refs: list[list[str]]):
+        n = len(images)
+        if not (n == len(prompts) == len(targets) == len(refs)):
+            raise ValueError(f"{n} images, {len(prompts)} prompts, {len(targets)} targets, {len(refs)} reference sets")
+        self.images, self.prompts, self.targets, self.refs = images, prompts, targets, refs
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "prompt": self.prompts[i], "target": self.targets[i], "refs": list(self.refs[i])}
+
+
+def collate(samples: list[dict]) -> dict:
+    """torch's ``default_collate`` for tensors and numbers; strings become a list and
+    lists of strings (references) a list of lists. ``default_collate`` would transpose
+    reference lists and fail on unequal lengths. Classification batches come out exactly
+    as ``default_collate`` makes them."""
+    from torch.utils.data import default_collate
+
+    out: dict = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if isinstance(values[0], str):
+            out[key] = values
+        elif isinstance(values[0], (list, tuple)):
+            out[key] = [list(v) for v in values]
+        else:
+            out[key] = default_collate(values)
+    return out
+
+
+class BenchmarkBuilder(Protocol):
+    """What ``mmcl.data.build_benchmark`` dispatches to, one per benchmark name.
+
+    Generated benchmarks take ``(options, image_size, seed)``. Benchmarks read from disk
+    (registered with a ``check_data``) are also called with keywords ``root`` (the
+    absolute data root), ``preprocess`` (the backbone's image transform, or None: use a
+    default) and ``tasks`` (the task names the run needs, in training order).
+    """
+
+    def __call__(self, options: dict, image_size: int, seed: int, **disk: Any) -> Benchmark: ...

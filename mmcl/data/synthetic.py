@@ -573,7 +573,7 @@ def _split(tdef: TaskDef, n_per_class: int, g: torch.Generator, image_size: int)
     return TensorTaskDataset(images.contiguous(), labels)
 
 
-def build_synthetic(options: dict, image_size: int, seed: int) -> Benchmark:
+def build_synthetic(options: dict, image_size: int, seed: int, **_disk: object) -> Benchmark:
     """Builder of the ``synthetic`` benchmark (see :class:`SyntheticOptions`).
 
     ``seed`` is the caller's data seed; ``options["data_seed"]`` is added to it, so the

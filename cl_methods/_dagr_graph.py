@@ -1,0 +1,729 @@
+"""Graph mathematics of DAGR (dynamic alignment graph regularisation, CVPR 2026).
+
+Pure torch functions and small dataclasses, independent of any model: a ``dagr`` method
+captures per-layer tensors from a prompted CLIP and hands them here. The paper has no
+public code; the facts used are in ``shared/design/METHODS.md`` (DAGR section), and
+every choice the paper leaves open is listed below and marked ``[choice]`` in the code.
+
+What the caller provides, per captured layer ``l`` (image tower, ``L`` layers):
+
+- ``tokens[l]``: ``[B, N, D]`` the tokens that are the *input* of block ``l`` (the
+  residual stream before it), already projected by the caller into ONE shared ``D``-dim
+  space for all layers. Queries and keys of block ``l`` are both computed from these
+  tokens, so pooling the block's attention with the same assignment on both sides is
+  consistent; the input of block ``l + 1`` is then the output of block ``l``.
+- ``attn[l]``: ``[B, H, N, N]`` pre-softmax attention logits of block ``l`` over exactly
+  those ``N`` tokens, scaled as the model scales them (``q k^T / sqrt(d)``), so that
+  ``beta = 1`` reproduces the model's own attention. Prompt keys are not part of it
+  (DIKI's prompt attention is a separate softmax; the caller may pass it separately
+  as its own graph if wanted).
+- for node fitting, per layer a ``[M, D]`` tensor of per-sample fused features
+  ``alpha * Z_img + (1 - alpha) * Z_txt`` (:func:`fuse`).
+
+The graph of one layer (paper notation in brackets):
+
+- Nodes [V_l = KMeans(alpha Z_img + (1 - alpha) Z_txt, K)]: :func:`kmeans` on the
+  L2-normalised fused features (:func:`fit_nodes`). [choice] Node identity is fixed
+  across tasks by *storing the centroids*: tokens are soft-assigned to the stored
+  centroids, ``S = softmax_K(cos(token, centroid) / temperature)`` ``[B, N, K]``
+  (:func:`soft_assign`). Edges of different tasks and models then index the same nodes
+  and can be compared entry by entry.
+- Intra-layer edges [e_l[i, j] = mean_h softmax_j(beta A_l_h[i, j])]: the head-averaged
+  token attention ``P = mean_h softmax(beta * logits)`` pooled to nodes as
+  ``S^T P S`` summed over the batch, then row-normalised (:func:`node_edges`). Row ``i``
+  is the attention of node ``i``'s tokens spread over the nodes they attend to, weighted
+  by how strongly each token belongs to ``i`` (the lumping of the token Markov chain).
+  Top-k keeps the ``k`` largest entries of each row and renormalises.
+- Multi-hop [RowNorm(A_l^k), k in {2, 3}]: :func:`multi_hop`.
+- Inter-layer edges [e_{l->l+1}[i, j] = gamma cos(f(v_i^l), v_j^{l+1}) + (1 - gamma) R[i, j]]:
+  [choice] ``f`` is the identity, because the caller maps all layers into one space; the
+  cosine is between the stored centroids of layers ``l`` and ``l + 1``, clamped at 0 so
+  that a row is a non-negative weight vector (``path_similarity="prototypes"`` uses the
+  token prototypes instead, which makes the term depend on the current model).
+  [choice] ``R`` is the attention rollout (Abnar & Zuidema 2020: ``RowNorm(0.5 A + 0.5 I)``,
+  multiplied over layers) at node level, computed *token level then pooled* for the one
+  step between consecutive layers: ``R_l = RowNorm(sum_b S_{l+1}^T Ã_l S_l)`` with
+  ``Ã_l = 0.5 P_l + 0.5 I`` (:func:`layer_flow`; ``Ã_l`` is never materialised). This
+  costs ``B N^2 K`` per layer, no ``N^3`` token-level matrix product; for longer paths
+  the pooled one-step factors multiply like the rollout (:func:`rollout` implements the
+  classic product for any list of square matrices).
+  [choice] Orientation: the inter-layer matrices are stored as the rollout orients them,
+  ``T_l`` ``[K_{l+1}, K_l]``, row ``j`` = a layer-``l + 1`` node, a distribution over the
+  layer-``l`` nodes its tokens draw from (residual + attention). The paper's
+  ``e_{l->l+1}[i, j]`` is its transpose before normalisation; normalising over sources
+  has two advantages: the row sum of ``S_{l+1}^T Ã_l S_l`` is exactly node ``j``'s token
+  mass (rows of ``Ã`` sum to 1), so each row depends only on what node ``j``'s own tokens
+  attend to, and a change in what new-class tokens attend to cannot rescale old rows
+  (up to the exponentially small tails of the soft assignment).
+  The blend is row-normalised and top-k sparsified like the intra-layer edges.
+- Old-class mask [M_l[i, j] = 1 iff the edge belongs to an old-class subgraph]: [choice]
+  each node's prototype is the S-weighted mean of the L2-normalised tokens assigned to it
+  (:func:`prototypes`); node ``i`` is *old* when the cosine of its current prototype to
+  the stored one is ``>= tau`` and it holds at least ``min_mass`` of the tokens in both
+  graphs; ``M[i, j] = old_i * old_j`` (:func:`old_node_mask`, :func:`edge_mask`), and
+  ``M_{l->l+1}[j, i] = old^{l+1}_j * old^l_i``. The mask is a hard threshold: no gradient.
+
+Losses (:func:`graph_losses`), each row ``i`` a distribution over neighbours:
+
+- ``KL(p || q) = sum_j p_j (log clamp(p_j) - log clamp(q_j))`` with the same clamp on both
+  sides, so identical inputs give exactly ``0.0`` (:func:`kl_rows`).
+- [choice] The mask is applied as the paper writes it for L_path, ``RowNorm(M * X)``, for all
+  three terms: each old row is compared as a distribution over its old neighbours. Edges
+  into or between new-class nodes then contribute nothing at all, not even through the
+  row normalisation.
+- L_edge: per layer, the sum over rows of ``KL(RowNorm(M * E_stored) || RowNorm(M * E_cur))``.
+- L_multi: the same on ``RowNorm((RowNorm(M * E))^k)`` for ``k`` in ``hops``, averaged
+  over hops. [choice] The powers are taken on the *masked* (old) subgraph, so a path
+  through a new-class node does not count; the multi-hop matrices therefore depend on
+  the current mask and are recomputed at loss time (``L K^3`` flops, negligible) instead
+  of being stored (storing them would only add bytes).
+- L_path: per transition ``l -> l + 1``, the same on ``RowNorm(M_{l->l+1} * T)``.
+- [choice] Each per-layer sum over rows is divided by ``K`` (a constant) so lambdas
+  transfer across node counts. Layers are weighted by :func:`layer_weights` (``decay^l``
+  normalised to sum 1, shallow first; transitions use the weights of ``L - 1`` layers)
+  and the three terms are returned already multiplied by ``lambda_1..3``.
+- [choice] Top-k: the stored graph is sparsified; the current graph is restricted to the
+  stored graph's support and renormalised (comparing it on its own top-k support would
+  put zeros of ``q`` under mass of ``p``). Identical inputs give identical supports.
+
+Stored per task (:class:`TaskGraph`): per layer the centroids and prototypes ``[K, D]``
+(in ``store_dtype``, float16 by default: the centroids are rounded *before* any edge is
+computed so the stored edges are exactly reproducible from the stored centroids), the
+node token shares ``[K]`` and the edges ``[K, K]``; per consecutive pair the transitions
+``[K, K]`` (float32). With the defaults (``K = 16``) and a ViT-B/16-like capture
+(8 prompted layers, ``D = 512``) this is about 0.28 MB per task, in line with the
+paper's ~0.2 MB.
+
+[choice] Defaults (all searchable): ``K = 16``, ``alpha = 0.5``, ``beta = 1``,
+``gamma = 0.5``, soft-assignment ``temperature = 0.1``, ``topk = 8`` (:class:`GraphConfig`);
+``tau = 0.8``, ``min_mass = 1e-4``, ``decay = 0.8``, ``lambdas = (1, 1, 1)``,
+``hops = (2, 3)`` (:func:`graph_losses`).
+
+Typical use by a method: at the end of task ``t``, ``fit_nodes`` on the task's fused
+features, then ``build_graph`` over the task's batches, keep the :class:`TaskGraph`
+(``state_dict`` for checkpoints); while training task ``t + 1``, per batch
+``graph_losses(current_graph(tokens, attn, stored), stored)``.
+
+[choice] :func:`kmeans` raises a ``ValueError`` when there are fewer points than
+clusters (duplicated centroids would make nodes indistinguishable and their soft
+assignment split tokens evenly); with enough points but fewer *distinct* ones, k-means++
+falls back to uniform draws and some centroids coincide.
+
+All computations run in float32 with autocast disabled, whatever the caller's precision:
+the KL terms and the exact-zero property need it. Nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+EPS = 1e-12
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+# --------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class GraphConfig:
+    """How a graph is built; stored with it so the current graph is built identically."""
+
+    num_nodes: int = 16  # K per layer
+    alpha: float = 0.5  # image weight of the fused node-fitting features
+    beta: float = 1.0  # inverse temperature on the attention logits
+    gamma: float = 0.5  # weight of the centroid cosine against the rollout in T
+    temperature: float = 0.1  # soft-assignment temperature on cosine similarities
+    topk: int | None = 8  # neighbours kept per row; None = dense
+    residual: float = 0.5  # identity weight of the rollout (Abnar & Zuidema: 0.5)
+    path_similarity: Literal["centroids", "prototypes"] = "centroids"
+    kmeans_iters: int = 50
+    seed: int = 0
+    store_dtype: str = "float16"  # centroids and prototypes; edges stay float32
+
+    def __post_init__(self) -> None:
+        if self.num_nodes < 1:
+            raise ValueError(f"num_nodes must be >= 1, got {self.num_nodes}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+        if not 0.0 <= self.residual <= 1.0:
+            raise ValueError(f"residual must be in [0, 1], got {self.residual}")
+        if self.temperature <= 0 or self.beta <= 0:
+            raise ValueError("temperature and beta must be > 0")
+        if self.topk is not None and self.topk < 1:
+            raise ValueError(f"topk must be >= 1 or None, got {self.topk}")
+        if self.path_similarity not in ("centroids", "prototypes"):
+            raise ValueError(f"path_similarity must be 'centroids' or 'prototypes', got {self.path_similarity!r}")
+        if self.store_dtype not in _DTYPES:
+            raise ValueError(f"store_dtype must be one of {sorted(_DTYPES)}, got {self.store_dtype!r}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.store_dtype]
+
+
+# --------------------------------------------------------------------------- helpers
+def _fp32() -> contextlib.AbstractContextManager:
+    """Disable autocast on every device type that has one: graph maths stays float32."""
+    stack = contextlib.ExitStack()
+    for device_type in ("cuda", "cpu"):
+        # Only where autocast is on: asking for an absent device type only warns.
+        if torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+    return stack
+
+
+def row_norm(x: Tensor, eps: float = EPS) -> Tensor:
+    """Rows divided by their sums; an all-zero row stays zero (no NaN)."""
+    return x / x.sum(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def restrict(x: Tensor, support: Tensor) -> Tensor:
+    """Keep the entries of ``x`` where ``support`` is true, then renormalise rows."""
+    return row_norm(x * support.to(x.dtype))
+
+
+def topk_mask(x: Tensor, k: int | None) -> Tensor:
+    """Boolean mask of the ``k`` largest entries of each row (all true when ``k`` is None)."""
+    if k is None or k >= x.shape[-1]:
+        return torch.ones_like(x, dtype=torch.bool)
+    idx = x.topk(k, dim=-1).indices
+    return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def topk_sparsify(x: Tensor, k: int | None) -> Tensor:
+    """Keep the ``k`` largest entries per row and renormalise; ``k=None`` means dense.
+
+    Written as :func:`restrict` with the top-k support so that a current graph restricted
+    to a stored graph's support is computed by exactly the same operations. Dense
+    (``k`` None or ``>= K``) returns ``x`` itself: no second normalisation to mirror.
+    """
+    if not _sparse(k, x.shape[-1]):
+        return x
+    return restrict(x, topk_mask(x, k))
+
+
+def _sparse(k: int | None, width: int) -> bool:
+    return k is not None and k < width
+
+
+def kl_rows(p: Tensor, q: Tensor, eps: float = EPS) -> Tensor:
+    """Row-wise ``KL(p || q)`` over the last dim, numerically safe.
+
+    Both logs use the same clamp, so ``p == q`` gives exactly 0.0 (every term is
+    ``p * 0``), and a zero of ``p`` contributes nothing whatever ``q`` is there. A zero
+    of ``q`` under mass of ``p`` gives a large but finite value.
+    """
+    return (p * (p.clamp_min(eps).log() - q.clamp_min(eps).log())).sum(dim=-1)
+
+
+# --------------------------------------------------------------------------- nodes
+def fuse(z_img: Tensor, z_txt: Tensor, alpha: float) -> Tensor:
+    """Per-sample fused node-fitting features ``alpha * Z_img + (1 - alpha) * Z_txt``.
+
+    Each modality is L2-normalised first so that ``alpha`` weighs directions, not norms.
+    """
+    return alpha * F.normalize(z_img.float(), dim=-1) + (1.0 - alpha) * F.normalize(z_txt.float(), dim=-1)
+
+
+def _sq_dist(x: Tensor, c: Tensor) -> Tensor:
+    return ((x * x).sum(1, keepdim=True) - 2.0 * x @ c.T + (c * c).sum(1)[None]).clamp_min(0.0)
+
+
+def kmeans(x: Tensor, k: int, seed: int = 0, iters: int = 50) -> Tensor:
+    """Lloyd's k-means with k-means++ initialisation; returns centroids ``[k, D]`` (float32).
+
+    Deterministic for a given ``seed`` on a given device: random draws come from a CPU
+    ``torch.Generator``, cluster sums are one-hot matmuls (no atomic adds), an empty
+    cluster is reseeded with the point farthest from its centroid (stable sort). Stops
+    early once the assignment no longer changes. Raises ``ValueError`` when ``x`` has
+    fewer rows than ``k``.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"kmeans expects [M, D] features, got shape {tuple(x.shape)}")
+    m = x.shape[0]
+    if k < 1:
+        raise ValueError(f"kmeans needs k >= 1, got {k}")
+    if m < k:
+        raise ValueError(f"kmeans: {m} points cannot give {k} distinct centroids; fit on more samples or lower K")
+    with torch.no_grad(), _fp32():
+        x = x.detach().float()
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        first = int(torch.randint(m, (1,), generator=gen).item())
+        chosen = [first]
+        d2 = _sq_dist(x, x[first : first + 1]).squeeze(1)
+        for _ in range(1, k):
+            weights = d2.double().cpu()
+            if weights.sum() > 0:
+                idx = int(torch.multinomial(weights, 1, generator=gen).item())
+            else:  # fewer distinct points than k: any point will do
+                idx = int(torch.randint(m, (1,), generator=gen).item())
+            chosen.append(idx)
+            d2 = torch.minimum(d2, _sq_dist(x, x[idx : idx + 1]).squeeze(1))
+        c = x[chosen].clone()
+        prev: Tensor | None = None
+        for _ in range(iters):
+            dist = _sq_dist(x, c)
+            assign = dist.argmin(dim=1)
+            if prev is not None and torch.equal(assign, prev):
+                break
+            prev = assign
+            onehot = F.one_hot(assign, k).to(x.dtype)
+            counts = onehot.sum(0)
+            new = (onehot.T @ x) / counts.clamp_min(1.0)[:, None]
+            empty = counts == 0
+            if bool(empty.any()):
+                far = dist.gather(1, assign[:, None]).squeeze(1)
+                order = far.argsort(descending=True, stable=True)
+                new[empty] = x[order[: int(empty.sum())]]
+            c = new
+        return c
+
+
+def fit_nodes(features: Sequence[Tensor], config: GraphConfig) -> list[Tensor]:
+    """Per-layer centroids ``[K, D]``: k-means on the L2-normalised fused features.
+
+    Normalised because tokens are assigned by cosine similarity; the centroids are rounded
+    to ``config.store_dtype`` (and back to float32) here, so the graph built from them is
+    exactly what a later task rebuilds from the stored copies.
+    """
+    out = []
+    for layer, feats in enumerate(features):
+        c = kmeans(F.normalize(feats.float(), dim=-1), config.num_nodes, config.seed + layer, config.kmeans_iters)
+        out.append(c.to(config.dtype).float())
+    return out
+
+
+def soft_assign(tokens: Tensor, centroids: Tensor, temperature: float) -> Tensor:
+    """``S = softmax_K(cos(token, centroid) / temperature)``: ``[..., N, D] -> [..., N, K]``."""
+    sim = F.normalize(tokens.float(), dim=-1) @ F.normalize(centroids.float(), dim=-1).T
+    return torch.softmax(sim / temperature, dim=-1)
+
+
+def prototypes(tokens: Tensor, assign: Tensor) -> Tensor:
+    """Per-node prototype ``[K, D]``: the S-weighted mean of the L2-normalised tokens.
+
+    ``tokens`` ``[B, N, D]`` (or ``[M, D]``), ``assign`` the matching ``[B, N, K]``.
+    Normalised tokens keep a few large-norm tokens from dominating the direction.
+    """
+    sums, mass = _proto_sums(tokens, assign)
+    return sums / mass.clamp_min(EPS)[:, None]
+
+
+def _proto_sums(tokens: Tensor, assign: Tensor) -> tuple[Tensor, Tensor]:
+    t = F.normalize(tokens.float(), dim=-1).reshape(-1, tokens.shape[-1])
+    s = assign.reshape(-1, assign.shape[-1])
+    return s.T @ t, s.sum(0)
+
+
+def old_node_mask(
+    current: Tensor,
+    stored: Tensor,
+    tau: float,
+    current_mass: Tensor | None = None,
+    stored_mass: Tensor | None = None,
+    min_mass: float = 0.0,
+) -> Tensor:
+    """Boolean ``[K]``: node ``i`` is old when ``cos(current_i, stored_i) >= tau``.
+
+    ``current``/``stored`` are prototypes ``[K, D]``. A node that holds less than
+    ``min_mass`` of the tokens (token share, in either graph) has no meaningful prototype
+    or edge row and is never old. No gradient: the mask is a hard selection.
+    """
+    with torch.no_grad():
+        cos = F.cosine_similarity(current.detach().float(), stored.detach().float().to(current.device), dim=-1)
+        old = cos >= tau
+        if current_mass is not None:
+            old &= current_mass.detach().to(old.device) > min_mass
+        if stored_mass is not None:
+            old &= stored_mass.detach().to(old.device) > min_mass
+        return old
+
+
+def edge_mask(old_src: Tensor, old_dst: Tensor | None = None) -> Tensor:
+    """``M[i, j] = old_src[i] * old_dst[j]`` (float); ``old_dst`` defaults to ``old_src``."""
+    dst = old_src if old_dst is None else old_dst
+    return old_src.float()[:, None] * dst.float()[None, :]
+
+
+# --------------------------------------------------------------------------- edges
+def attention_probs(attn_logits: Tensor, beta: float = 1.0) -> Tensor:
+    """Head-averaged ``softmax_j(beta * A_h[i, j])``: ``[B, H, N, N] -> [B, N, N]``."""
+    if attn_logits.dim() != 4 or attn_logits.shape[-1] != attn_logits.shape[-2]:
+        raise ValueError(f"attention logits must be [B, H, N, N], got {tuple(attn_logits.shape)}")
+    return torch.softmax(beta * attn_logits.float(), dim=-1).mean(dim=1)
+
+
+def _edge_sums(probs: Tensor, assign: Tensor) -> Tensor:
+    """``sum_b S_b^T P_b S_b`` ``[K, K]``; row ``i`` sums to node ``i``'s token mass."""
+    return (assign.transpose(1, 2) @ (probs @ assign)).sum(0)
+
+
+def node_edges(attn_logits: Tensor, assign: Tensor, beta: float = 1.0, topk: int | None = None) -> Tensor:
+    """Intra-layer node edges ``[K, K]`` of one batch: ``TopK(RowNorm(sum_b S^T P S))``.
+
+    ``attn_logits`` ``[B, H, N, N]`` pre-softmax, ``assign`` ``[B, N, K]`` from
+    :func:`soft_assign`. Rows are distributions over neighbours.
+    """
+    with _fp32():
+        return topk_sparsify(row_norm(_edge_sums(attention_probs(attn_logits, beta), assign.float())), topk)
+
+
+def multi_hop(edges: Tensor, k: int) -> Tensor:
+    """``RowNorm(E^k)``: where ``k`` steps of the node walk lead (``k >= 1``)."""
+    if k < 1:
+        raise ValueError(f"hop count must be >= 1, got {k}")
+    out = edges
+    for _ in range(k - 1):
+        out = out @ edges
+    return row_norm(out)
+
+
+def rollout(attn: Sequence[Tensor], residual: float = 0.5) -> Tensor:
+    """Attention rollout (Abnar & Zuidema 2020) of square attention matrices in layer order.
+
+    ``Ã_l = RowNorm((1 - residual) A_l + residual I)``; returns ``Ã_{L-1} ... Ã_1 Ã_0``
+    (``[..., N, N]``; token or node level, any leading batch dims). Row ``n`` tells how
+    much the last layer's token ``n`` draws from each input token; rows sum to 1.
+    """
+    if not attn:
+        raise ValueError("rollout needs at least one attention matrix")
+    out: Tensor | None = None
+    for a in attn:
+        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        step = row_norm((1.0 - residual) * a + residual * eye)
+        out = step if out is None else step @ out
+    assert out is not None
+    return out
+
+
+def _flow_sums(probs: Tensor, assign: Tensor, assign_next: Tensor, residual: float) -> Tensor:
+    """``sum_b S_{l+1}^T Ã S_l`` ``[K_{l+1}, K_l]`` with ``Ã = (1 - r) P + r I`` (never built)."""
+    drawn = (1.0 - residual) * (probs @ assign) + residual * assign
+    return (assign_next.transpose(1, 2) @ drawn).sum(0)
+
+
+def layer_flow(probs: Tensor, assign: Tensor, assign_next: Tensor, residual: float = 0.5) -> Tensor:
+    """One rollout step between consecutive layers, pooled to nodes: ``R_l`` ``[K_{l+1}, K_l]``.
+
+    ``probs`` ``[B, N, N]`` head-averaged attention of block ``l``, ``assign`` its input
+    tokens' assignment to layer-``l`` nodes, ``assign_next`` the assignment of the block's
+    output tokens (input of block ``l + 1``) to layer-``l + 1`` nodes. Row ``j`` (a
+    layer-``l + 1`` node) is a distribution over the layer-``l`` nodes it draws from.
+    """
+    with _fp32():
+        return row_norm(_flow_sums(probs.float(), assign.float(), assign_next.float(), residual))
+
+
+def inter_layer_edges(
+    upper: Tensor, lower: Tensor, rollout_step: Tensor, gamma: float, topk: int | None = None
+) -> Tensor:
+    """``T = TopK(RowNorm(gamma * relu(cos(upper_j, lower_i)) + (1 - gamma) * R[j, i]))``.
+
+    ``upper`` ``[K', D]`` / ``lower`` ``[K, D]`` are node vectors of layers ``l + 1`` and
+    ``l`` (``f`` = identity), ``rollout_step`` ``[K', K]`` from :func:`layer_flow`;
+    negative cosines are clamped to 0 so rows are non-negative weights. Returns ``[K', K]``.
+    """
+    cos = F.normalize(upper.float(), dim=-1) @ F.normalize(lower.float(), dim=-1).T
+    return topk_sparsify(row_norm(gamma * cos.clamp_min(0.0) + (1.0 - gamma) * rollout_step), topk)
+
+
+def layer_weights(num_layers: int, decay: float) -> Tensor:
+    """``w_l = decay^l / sum_m decay^m`` for ``l = 0..L-1``: shallow layers weigh most
+    (``decay < 1``); ``decay = 1`` gives equal weights."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if decay <= 0:
+        raise ValueError(f"decay must be > 0, got {decay}")
+    w = torch.tensor([decay**i for i in range(num_layers)], dtype=torch.float32)
+    return w / w.sum()
+
+
+# --------------------------------------------------------------------------- stored graph
+@dataclass
+class LayerGraph:
+    """One layer's graph: nodes and intra-layer edges."""
+
+    centroids: Tensor  # [K, D] node identity (soft-assignment anchors)
+    prototypes: Tensor  # [K, D] S-weighted mean of normalised tokens (old-class matching)
+    mass: Tensor  # [K] share of the tokens each node holds (sums to 1)
+    edges: Tensor  # [K, K] row-stochastic, top-k sparsified (stored) or restricted (current)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"centroids": self.centroids, "prototypes": self.prototypes, "mass": self.mass, "edges": self.edges}
+
+
+@dataclass
+class TaskGraph:
+    """What DAGR keeps of a task (or computes for the current batch).
+
+    ``transitions[l]`` is ``T_{l->l+1}`` ``[K_{l+1}, K_l]``, rows the upper layer's nodes
+    (``len(layers) - 1`` of them).
+    """
+
+    layers: list[LayerGraph]
+    transitions: list[Tensor]
+    config: GraphConfig = field(default_factory=GraphConfig)
+
+    def _all_tensors(self) -> Iterator[Tensor]:
+        for layer in self.layers:
+            yield from layer.tensors().values()
+        yield from self.transitions
+
+    def nbytes(self) -> int:
+        """Bytes of all stored tensors (the per-task memory cost of the method)."""
+        return sum(t.numel() * t.element_size() for t in self._all_tensors())
+
+    def to(self, device: torch.device | str) -> TaskGraph:
+        return TaskGraph(
+            layers=[LayerGraph(**{k: v.to(device) for k, v in layer.tensors().items()}) for layer in self.layers],
+            transitions=[t.to(device) for t in self.transitions],
+            config=self.config,
+        )
+
+    def detach(self) -> TaskGraph:
+        return TaskGraph(
+            layers=[LayerGraph(**{k: v.detach() for k, v in layer.tensors().items()}) for layer in self.layers],
+            transitions=[t.detach() for t in self.transitions],
+            config=self.config,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors and primitives only (loads with ``torch.load(weights_only=True)``)."""
+        return {
+            "version": 1,
+            "config": asdict(self.config),
+            "layers": [{k: v.detach().cpu().clone() for k, v in layer.tensors().items()} for layer in self.layers],
+            "transitions": [t.detach().cpu().clone() for t in self.transitions],
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> TaskGraph:
+        if state.get("version") != 1:
+            raise ValueError(f"unknown TaskGraph state version {state.get('version')!r}")
+        return cls(
+            layers=[LayerGraph(**layer) for layer in state["layers"]],
+            transitions=list(state["transitions"]),
+            config=GraphConfig(**state["config"]),
+        )
+
+
+class GraphAccumulator:
+    """Running sums over a stream of batches; ``finalize`` turns them into a :class:`TaskGraph`.
+
+    Holds per layer ``[K, D] + [K] + 2 [K, K]`` sums, never the data. Gradients flow
+    through the sums when the inputs require grad (the current-batch graph).
+    """
+
+    def __init__(self, centroids: Sequence[Tensor], config: GraphConfig):
+        if not centroids:
+            raise ValueError("need centroids for at least one layer")
+        self.config = config
+        self.centroids = [c.float() for c in centroids]
+        self.proto_sums: list[Tensor | None] = [None] * len(centroids)
+        self.mass: list[Tensor | None] = [None] * len(centroids)
+        self.edge_sums: list[Tensor | None] = [None] * len(centroids)
+        self.flow_sums: list[Tensor | None] = [None] * (len(centroids) - 1)
+        self.tokens_seen = 0
+
+    @staticmethod
+    def _add(acc: Tensor | None, x: Tensor) -> Tensor:
+        # Starting from the first batch's value (not zeros + x) keeps one batch exact.
+        return x if acc is None else acc + x
+
+    def update(self, tokens: Sequence[Tensor], attn: Sequence[Tensor]) -> None:
+        cfg, L = self.config, len(self.centroids)
+        if len(tokens) != L or len(attn) != L:
+            raise ValueError(f"expected {L} layers of tokens and attention, got {len(tokens)} and {len(attn)}")
+        with _fp32():
+            assigns, probs = [], []
+            for layer in range(L):
+                t, a = tokens[layer], attn[layer]
+                if t.dim() != 3 or a.shape[0] != t.shape[0] or a.shape[-1] != t.shape[1]:
+                    raise ValueError(
+                        f"layer {layer}: tokens must be [B, N, D] and attention [B, H, N, N], "
+                        f"got {tuple(t.shape)} and {tuple(a.shape)}"
+                    )
+                if self.centroids[layer].device != t.device:  # once: the graph lives with the data
+                    self.centroids[layer] = self.centroids[layer].to(t.device)
+                s = soft_assign(t, self.centroids[layer], cfg.temperature)
+                p = attention_probs(a, cfg.beta)
+                ps, m = _proto_sums(t, s)
+                self.proto_sums[layer] = self._add(self.proto_sums[layer], ps)
+                self.mass[layer] = self._add(self.mass[layer], m)
+                self.edge_sums[layer] = self._add(self.edge_sums[layer], _edge_sums(p, s))
+                assigns.append(s)
+                probs.append(p)
+            for layer in range(L - 1):
+                flow = _flow_sums(probs[layer], assigns[layer], assigns[layer + 1], cfg.residual)
+                self.flow_sums[layer] = self._add(self.flow_sums[layer], flow)
+        self.tokens_seen += tokens[0].shape[0] * tokens[0].shape[1]
+
+    def finalize(self, support: TaskGraph | None = None) -> TaskGraph:
+        """The graph of everything seen so far.
+
+        Without ``support``: a graph to store (top-k sparsified, centroids and prototypes
+        in ``store_dtype``). With ``support`` (a stored graph): the current graph, its
+        edges restricted to the stored graph's support, everything float32 and
+        differentiable.
+        """
+        if self.tokens_seen == 0:
+            raise ValueError("no batch was added")
+        cfg = self.config
+        store = support is None
+        with _fp32():
+            layers = []
+            for layer, c in enumerate(self.centroids):
+                mass, edge_sums, proto_sums = self.mass[layer], self.edge_sums[layer], self.proto_sums[layer]
+                assert mass is not None and edge_sums is not None and proto_sums is not None
+                edges = row_norm(edge_sums)
+                if support is None:
+                    edges = topk_sparsify(edges, cfg.topk)
+                elif _sparse(cfg.topk, edges.shape[-1]):
+                    edges = restrict(edges, support.layers[layer].edges.to(edges.device) > 0)
+                protos = proto_sums / mass.clamp_min(EPS)[:, None]
+                layers.append(
+                    LayerGraph(
+                        centroids=c.to(cfg.dtype) if store else c,
+                        prototypes=protos.to(cfg.dtype) if store else protos,
+                        mass=mass / float(self.tokens_seen),
+                        edges=edges,
+                    )
+                )
+            transitions = []
+            for layer, flow in enumerate(self.flow_sums):
+                assert flow is not None
+                lower, upper = (
+                    (self.centroids[layer], self.centroids[layer + 1])
+                    if cfg.path_similarity == "centroids"
+                    # Rounded like the stored prototypes, so stored and current agree exactly.
+                    else (
+                        layers[layer].prototypes.to(cfg.dtype).float(),
+                        layers[layer + 1].prototypes.to(cfg.dtype).float(),
+                    )
+                )
+                upper, lower = upper.to(flow.device), lower.to(flow.device)
+                if support is None:
+                    t = inter_layer_edges(upper, lower, row_norm(flow), cfg.gamma, cfg.topk)
+                else:
+                    t = inter_layer_edges(upper, lower, row_norm(flow), cfg.gamma, None)
+                    if _sparse(cfg.topk, t.shape[-1]):
+                        t = restrict(t, support.transitions[layer].to(t.device) > 0)
+                transitions.append(t)
+        graph = TaskGraph(layers=layers, transitions=transitions, config=cfg)
+        return graph.detach() if store else graph
+
+
+def build_graph(
+    batches: Iterable[tuple[Sequence[Tensor], Sequence[Tensor]]],
+    centroids: Sequence[Tensor],
+    config: GraphConfig,
+) -> TaskGraph:
+    """The graph of a whole task, to store: ``batches`` yields ``(tokens, attn)`` per
+    batch, each a per-layer list (``[B, N, D]`` and ``[B, H, N, N]``); only running sums
+    are kept. ``centroids`` from :func:`fit_nodes` (rounded to ``config.store_dtype``)."""
+    acc = GraphAccumulator([c.to(config.dtype).float() for c in centroids], config)
+    with torch.no_grad():
+        for tokens, attn in batches:
+            acc.update([t.detach() for t in tokens], [a.detach() for a in attn])
+        return acc.finalize()
+
+
+def current_graph(tokens: Sequence[Tensor], attn: Sequence[Tensor], stored: TaskGraph) -> TaskGraph:
+    """The graph of the current batch on the stored graph's nodes, with its config and
+    top-k support; differentiable w.r.t. ``tokens`` and ``attn``."""
+    acc = GraphAccumulator([layer.centroids.float() for layer in stored.layers], stored.config)
+    acc.update(tokens, attn)
+    return acc.finalize(support=stored)
+
+
+# --------------------------------------------------------------------------- losses
+def _masked_kl(p: Tensor, q: Tensor, mask: Tensor) -> Tensor:
+    """Sum over rows of ``KL(RowNorm(M * p) || RowNorm(M * q))``, divided by the row count."""
+    return kl_rows(row_norm(mask * p), row_norm(mask * q)).sum() / p.shape[0]
+
+
+def graph_losses(
+    current: TaskGraph,
+    stored: TaskGraph,
+    lambdas: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    decay: float = 0.8,
+    hops: Sequence[int] = (2, 3),
+    tau: float = 0.8,
+    min_mass: float = 1e-4,
+    old: Sequence[Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """DAGR's graph terms ``{"edge", "multi", "path"}``, each already weighted.
+
+    ``edge = lambda_1 sum_l w_l L_edge_l``, ``multi = lambda_2 sum_l w_l L_multi_l``,
+    ``path = lambda_3 sum_l w'_l L_path_l`` with ``w = layer_weights(L, decay)`` and
+    ``w' = layer_weights(L - 1, decay)``. ``old`` overrides the per-layer old-node masks
+    (boolean ``[K]``), which are otherwise matched from prototypes with ``tau`` and
+    ``min_mass``. Differentiable w.r.t. whatever ``current`` was built from.
+    """
+    L = len(stored.layers)
+    if len(current.layers) != L:
+        raise ValueError(f"current graph has {len(current.layers)} layers, stored has {L}")
+    device = current.layers[0].edges.device
+    with _fp32():
+        if old is None:
+            old = [
+                old_node_mask(c.prototypes, s.prototypes, tau, c.mass, s.mass, min_mass)
+                for c, s in zip(current.layers, stored.layers)
+            ]
+        old = [o.to(device) for o in old]
+        w = layer_weights(L, decay).to(device)
+        edge = torch.zeros((), device=device)
+        multi = torch.zeros((), device=device)
+        for layer, (c, s) in enumerate(zip(current.layers, stored.layers)):
+            mask = edge_mask(old[layer])
+            p, q = s.edges.detach().to(device).float(), c.edges.float()
+            edge = edge + w[layer] * _masked_kl(p, q, mask)
+            if hops:
+                # Powers of the old subgraph only: a path through a new node does not count.
+                pm, qm = row_norm(mask * p), row_norm(mask * q)
+                per_hop = [kl_rows(multi_hop(pm, k), multi_hop(qm, k)).sum() / p.shape[0] for k in hops]
+                multi = multi + w[layer] * torch.stack(per_hop).mean()
+        path = torch.zeros((), device=device)
+        if L > 1:
+            wp = layer_weights(L - 1, decay).to(device)
+            for layer, (tc, ts) in enumerate(zip(current.transitions, stored.transitions)):
+                mask = edge_mask(old[layer + 1], old[layer])
+                path = path + wp[layer] * _masked_kl(ts.detach().to(device).float(), tc.float(), mask)
+    return {"edge": lambdas[0] * edge, "multi": lambdas[1] * multi, "path": lambdas[2] * path}
+
+
+__all__ = [
+    "GraphAccumulator",
+    "GraphConfig",
+    "LayerGraph",
+    "TaskGraph",
+    "attention_probs",
+    "build_graph",
+    "current_graph",
+    "edge_mask",
+    "fit_nodes",
+    "fuse",
+    "graph_losses",
+    "inter_layer_edges",
+    "kl_rows",
+    "kmeans",
+    "layer_flow",
+    "layer_weights",
+    "multi_hop",
+    "node_edges",
+    "old_node_mask",
+    "prototypes",
+    "restrict",
+    "rollout",
+    "row_norm",
+    "soft_assign",
+    "topk_mask",
+    "topk_sparsify",
+]

@@ -1,0 +1,262 @@
+"""DAGR (cl_methods/dagr.py) on the tiny open_clip CLIP (random init, CPU): the graph terms
+at method level, and the method inside the engine (prompts, graphs, resume, ablations)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from cl_methods import _dagr_graph as dg
+from cl_methods import build_method, get_method_class
+from cl_methods.dagr import DAGR
+from mmcl.engine import prepare, run_continual
+
+from .helpers import tiny_run
+
+K = 4  # nodes per layer in these tests (the tiny tasks have few images)
+EMBED, LAYERS = 128, 3  # tiny CLIP joint space; image blocks (all prompted)
+
+
+def test_config_and_ablations():
+    cls = get_method_class("dagr")
+    assert set(cls.ablations) == {"full", "no_graph", "edge_only", "multi_only", "path_only"}
+    for overrides in cls.ablations.values():
+        cls.Config.model_validate(overrides)
+    assert cls.Config().init_from_previous  # DAGR starts each prompt from the previous one
+    with pytest.raises(ValueError):
+        build_method("dagr", {"lamda_edge": 1.0})
+    with pytest.raises(ValueError):
+        build_method("dagr", {"alpha": 1.5})
+    with pytest.raises(ValueError):
+        build_method("dagr", {"hops": [0]})
+
+
+# --------------------------------------------------------------------------- method level
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A DAGR after task 0 whose graph was stored on one batch, in task 1 (set 1 = copy of set 0)."""
+    run = tiny_run(method="dagr", config={"prompt_length": 2, "num_nodes": K, "tau": 0.5}, num_tasks=2)
+    prep = prepare(run)
+    m: DAGR = prep.method
+    m.before_task(0, prep.tasks[0])
+    with torch.no_grad():  # trained-looking prompts, so the prompted layers differ from the frozen model
+        g = torch.Generator().manual_seed(0)
+        for p in (m.prompted.prompts[0].image_values, m.prompted.prompts[0].text_values):
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    batch = next(iter(torch.utils.data.DataLoader(prep.ctx.train_sets[0], batch_size=16, shuffle=False)))
+    m.centroids = m.fit_nodes(0, [batch])
+    m.store_graph(0, [batch["image"]])
+    m.before_task(1, prep.tasks[1])
+    return prep, m, batch["image"]
+
+
+def _terms(m: DAGR, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    _, tokens, attn = m.graph_inputs(images, 1)
+    return m.graph_terms(tokens, attn, 1)
+
+
+def _perturbed(m: DAGR, layer: int, scale: float):
+    """A context: set 1's image value prompts of one block moved by ``scale`` * noise."""
+
+    class _Ctx:
+        def __enter__(self):
+            v = m.prompted.prompts[1].image_values
+            self.saved = v.detach().clone()
+            with torch.no_grad():
+                v[layer] += scale * torch.randn(v[layer].shape, generator=torch.Generator().manual_seed(1))
+
+        def __exit__(self, *exc):
+            with torch.no_grad():
+                m.prompted.prompts[1].image_values.copy_(self.saved)
+
+    return _Ctx()
+
+
+def test_graph_terms_zero_on_the_stored_batch_and_grow_with_a_perturbed_layer(setup):
+    _, m, images = setup
+    assert torch.equal(m.prompted.prompts[1].image_values, m.prompted.prompts[0].image_values)
+    stored = m.graphs[0]
+    assert len(stored.layers) == LAYERS and stored.layers[0].centroids.shape == (K, EMBED)
+    # Unchanged model and data: every term is exactly zero, with old nodes present (not vacuous).
+    _, tokens, attn = m.graph_inputs(images, 1)
+    cur = dg.current_graph(tokens, attn, stored)
+    old = [dg.old_node_mask(c.prototypes, s.prototypes, 0.5, c.mass, s.mass, 1e-4) for c, s in zip(cur.layers, stored.layers)]
+    assert all(int(o.sum()) >= 2 for o in old), old
+    terms = m.graph_terms(tokens, attn, 1)
+    assert set(terms) == {"edge", "multi", "path"}
+    assert all(v.detach().item() == 0.0 for v in terms.values()), terms
+
+    # Block 0's prompt shapes the input of blocks 1 and 2: every term grows with it.
+    small, large = {}, {}
+    with _perturbed(m, 0, 0.5):
+        small = {k: v.detach().item() for k, v in _terms(m, images).items()}
+    with _perturbed(m, 0, 3.0):
+        large = _terms(m, images)
+        sum(large.values()).backward()
+        grad = m.prompted.prompts[1].image_values.grad
+    large = {k: v.detach().item() for k, v in large.items()}
+    for k in ("edge", "multi", "path"):
+        assert 0.0 < small[k] < large[k], (k, small, large)
+    # The gradient reaches block 0's prompt, not the last block's (its output is no graph input).
+    assert grad[0].abs().sum() > 0 and grad[LAYERS - 1].abs().sum() == 0
+    m.prompted.prompts[1].image_values.grad = None
+    # The last block's prompt only changes the tower's output: the graph does not see it.
+    with _perturbed(m, LAYERS - 1, 3.0):
+        assert all(v.detach().item() == 0.0 for v in _terms(m, images).values())
+
+
+def test_new_class_edges_contribute_nothing(setup):
+    _, m, images = setup
+    original = m.graphs[0]
+
+    def edited(new_node: bool) -> dg.TaskGraph:
+        """The stored graph with node 0's edges (rows and columns, every layer) rescaled;
+        with ``new_node`` its stored prototype is flipped, so it no longer matches (new)."""
+        g = dg.TaskGraph.from_state_dict(original.state_dict())
+        gen = torch.Generator().manual_seed(3)
+        for layer in g.layers:
+            if new_node:
+                layer.prototypes[0] = -layer.prototypes[0]
+            for sl in ((0, slice(None)), (slice(None), 0)):
+                layer.edges[sl] *= 1.0 + torch.rand(layer.edges[sl].shape, generator=gen)  # support kept
+        for t in g.transitions:
+            t[:, 0] *= 2.0
+            t[0, :] *= 3.0
+        return g
+
+    def terms_with(graph: dg.TaskGraph) -> dict[str, float]:
+        m.graphs[0] = graph
+        m._device_graph = None
+        with _perturbed(m, 0, 1.0), torch.no_grad():
+            return {k: float(v) for k, v in _terms(m, images).items()}
+
+    try:
+        as_new = dg.TaskGraph.from_state_dict(original.state_dict())
+        for layer in as_new.layers:
+            layer.prototypes[0] = -layer.prototypes[0]
+        base_new = terms_with(as_new)
+        assert terms_with(edited(new_node=True)) == base_new  # exactly: node 0's edges are ignored
+        base_old = terms_with(original)
+        changed = terms_with(edited(new_node=False))
+        assert changed["edge"] != base_old["edge"] and changed["path"] != base_old["path"]
+    finally:
+        m.graphs[0] = original
+        m._device_graph = None
+
+
+# --------------------------------------------------------------------------- in the engine
+
+
+def test_training_prompts_graphs_size_and_resume():
+    cfg = {"prompt_length": 2, "num_nodes": K, "tau": -1.0, "graph_samples": 16}
+    run = tiny_run(method="dagr", config=cfg, num_tasks=3, steps=3, optimizer="sgd", lr=1.0)
+    prep = prepare(run)
+    m: DAGR = prep.method
+    frozen = {n: p.detach().clone() for n, p in prep.backbone.named_parameters()}
+    starts, ends = {}, []
+    original_before = DAGR.before_task
+
+    def spy(self, t, task):
+        original_before(self, t, task)
+        starts[t] = {k: v.detach().clone() for k, v in self.prompted.prompts[t].state_dict().items()}
+
+    DAGR.before_task = spy
+    try:
+        result = run_continual(run, on_task_end=ends.append, prepared=prep)
+    finally:
+        DAGR.before_task = original_before
+
+    snaps = {e.step: e.state["method"]["modules"] for e in ends}
+    for s in range(3):
+        for name in ("image_keys", "image_values", "text_keys", "text_values"):
+            key = f"prompted.prompts.{s}.{name}"
+            if s > 0:  # starts as the previous task's trained set
+                assert torch.equal(starts[s][name], snaps[s][f"prompted.prompts.{s - 1}.{name}"]), key
+            for step in range(s + 1, 4):  # and is bit-identical after its own task
+                assert torch.equal(snaps[step][key], snaps[s + 1][key]), (key, step)
+        assert not torch.equal(snaps[s + 1][f"prompted.prompts.{s}.image_values"], starts[s]["image_values"])
+    for n, p in prep.backbone.named_parameters():
+        assert torch.equal(p, frozen[n]), n
+
+    # Graph terms in the curves from the second task on, finite, not all zero (tau = -1: all nodes old).
+    for e in ends[1:]:
+        keys = {k for row in e.curves for k in row if k.startswith("loss/")}
+        assert keys == ({"loss/ce"} if e.step == 1 else {"loss/ce", "loss/edge", "loss/multi", "loss/path"}), keys
+    later = [row for e in ends[2:] for row in e.curves]
+    assert any(row["loss/edge"] > 0 for row in later) and any(row["loss/path"] > 0 for row in later)
+
+    # Stored graph size: per layer K x E centroids + prototypes (fp16), K mass + K x K edges (fp32);
+    # K x K transitions between consecutive layers.
+    per_task = LAYERS * (2 * K * EMBED * 2 + K * 4 + K * K * 4) + (LAYERS - 1) * K * K * 4
+    assert [g.nbytes() for g in m.graphs] == [per_task] * 3
+    assert [e.method_stats["graph_bytes"] for e in ends] == [0, per_task, per_task, per_task]
+    assert result.method_stats == {"graph_bytes": per_task, "graph_bytes_total": 3 * per_task}
+
+    # Resume from the end of task 1: the same matrix and bit-identical stored graphs.
+    resumed = prepare(run)
+    again = run_continual(run, resume=ends[1].state, prepared=resumed)
+    assert (again.matrix == result.matrix).all()
+    for a, b in zip(m.graphs, resumed.method.graphs):
+        for x, y in zip(a.state_dict()["layers"], b.state_dict()["layers"]):
+            assert all(torch.equal(x[k], y[k]) for k in x)
+        assert all(torch.equal(x, y) for x, y in zip(a.transitions, b.transitions))
+    # State round trip through torch.save: graphs and centroids exact.
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    fresh = prepare(run)
+    fresh.method.load_state_dict(torch.load(buf, weights_only=True))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.method.centroids, m.centroids))
+    assert [g.state_dict()["config"] for g in fresh.method.graphs] == [g.state_dict()["config"] for g in m.graphs]
+    assert torch.equal(fresh.method.graphs[2].layers[1].edges, m.graphs[2].layers[1].edges)
+
+
+@pytest.mark.parametrize(
+    "variant,terms",
+    [("no_graph", set()), ("edge_only", {"edge"}), ("multi_only", {"multi"}), ("path_only", {"path"})],
+)
+def test_ablations_switch_terms_off(variant, terms):
+    cfg = {"prompt_length": 2, "num_nodes": K, "tau": -1.0, "graph_samples": 16}
+    cfg.update(get_method_class("dagr").ablations[variant])
+    run = tiny_run(method="dagr", config=cfg, num_tasks=3, steps=2, optimizer="sgd", lr=1.0)
+    prep = prepare(run)
+    result = run_continual(run, prepared=prep)
+    logged = {k.split("/", 1)[1] for row in result.curves if row["task"] == 2 for k in row if k.startswith("loss/")}
+    assert logged == {"ce"} | terms
+    for row in result.curves:
+        for t in terms:
+            assert row.get(f"loss/{t}", 0.0) >= 0.0
+    if not terms:  # nothing to regularise: no graph is built or stored
+        assert prep.method.graphs == [] and result.method_stats["graph_bytes"] == 0
+
+
+def test_stats_reach_the_trials_table_columns():
+    from mmcl.results import METHOD_STAT_PREFIX, method_stat_columns
+
+    cols = method_stat_columns({"graph_bytes": 10, "graph_bytes_total": 30.0})
+    assert cols == {"method/graph_bytes": 10.0, "method/graph_bytes_total": 30.0}
+    assert all(k.startswith(METHOD_STAT_PREFIX) for k in cols)
+
+
+def test_stat_columns_survive_the_trials_table(tmp_path):
+    import pandas as pd
+
+    from mmcl.results import method_stat_columns, write_trials
+
+    write_trials(tmp_path, "s", [{"trial_id": "a", **method_stat_columns({"graph_bytes": 29888})}])
+    df = pd.read_parquet(tmp_path / "parts" / "trials" / "s.parquet")
+    assert df.loc[0, "method/graph_bytes"] == 29888.0
+
+
+def test_search_space_names_run_keys():
+    from mmcl.study import _sample_space
+
+    point = _sample_space("dagr", tiny_run(method="dagr"), "test")
+    names = {"alpha", "beta", "gamma", "num_nodes", "topk", "tau", "lambda_edge", "lambda_multi", "lambda_path",
+             "lambda_decay", "prompt_length", "prompt_depth"}
+    assert {f"method.{n}" for n in names} | {"training.lr"} <= set(point)
+    assert point["training.optimizer"] == "sgd"
