@@ -427,7 +427,7 @@ def _train_task(method, optimizer, t: int, task_name: str, run: RunSpec, device,
             optimizer.zero_grad(set_to_none=True)
             lr = sched.get_last_lr()[0]
             sched.step()
-            seen += len(batch["image"])
+            seen += len(batch["task"])  # every training sample carries its task (any track)
             step += 1
             if step % tr.log_every == 0 or step == total:
                 now = time.perf_counter()

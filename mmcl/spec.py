@@ -144,8 +144,9 @@ class PairedBackboneSpec(Strict):
 def _backbone_kind(v: Any) -> str:
     # Existing studies leave `kind` out: they mean open_clip. open_clip, blip2 and llava
     # share BackboneSpec; paired has its own model.
+    # Any other value is no tag, so pydantic reports the custom message below.
     kind = v.get("kind", "open_clip") if isinstance(v, dict) else getattr(v, "kind", "open_clip")
-    return "paired" if kind == "paired" else "open_clip"
+    return "open_clip" if kind in ("open_clip", "blip2", "llava") else str(kind)
 
 
 AnyBackboneSpec = Annotated[

@@ -89,7 +89,7 @@ def test_spec_is_backward_compatible_and_checks_paired_blocks():
         b = tiny_paired_backbone()
         b["encoders"]["audio"]["foo"] = 1
         parse_study({**base, "run": {"backbone": b, "method": {"name": "cma"}}})
-    with pytest.raises(SpecError, match=r"run\.backbone: 'kind' must be open_clip or paired"):
+    with pytest.raises(SpecError, match=r"run\.backbone: 'kind' must be open_clip, blip2, llava or paired"):
         parse_study({**base, "run": {"backbone": {"kind": "audio"}}})
     with pytest.raises(SpecError, match=r"'paired_synthetic' needs run\.backbone\.kind: paired"):
         parse_study({**base, "run": {"benchmark": {"name": "paired_synthetic"}}})
