@@ -1,9 +1,11 @@
 """A reservoir buffer of paired samples for the paired track's replay baselines.
 
-Private to ER / DER++ of the paired track (a shared ReplayBuffer for every track is due on
-main; this one only knows dict samples of tensors). Samples are stored as the encoders'
-input tensors, keyed like the batch (``video``, ``audio``, ``label``, ``task`` and any
-extra per-sample tensor such as DER++'s logits).
+Private to ER / DER++ of the paired track. Unlike the shared
+:class:`cl_methods._replay.ReplayBuffer` (which stores (task, index) pairs and reads the
+samples back from the datasets), this one stores tensors, because DER++ keeps values that
+exist in no dataset: the logits the model gave each sample when it was stored. Samples
+are kept as the encoders' input tensors, keyed like the batch (``video``, ``audio``,
+``label``, ``task`` and any extra per-sample tensor such as DER++'s logits).
 """
 
 from __future__ import annotations
