@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import field_validator
 from torch import nn
 
 from cl_methods.base import MethodConfig

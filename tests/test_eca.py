@@ -16,7 +16,7 @@ import torch
 from cl_methods._eca_adapters import AdapterSizes, QFormerAdapters, install_adapters
 from cl_methods._eca_dictionary import DictionarySettings, OnlineDictionary, lasso_objective, sparse_encode_nonneg
 from cl_methods._eca_fisher import FeDEx, FisherSettings, GradStats, gradient_stats, interference
-from cl_methods._eca_moq import MixtureOfQueries, MoQHook, image_summary, install_moq
+from cl_methods._eca_moq import MixtureOfQueries, MoQHook, install_moq
 from cl_methods.base import MethodContext
 
 N_QUERY, IMAGE_TOKEN, SEQ_TEXT = 8, 99, 5
