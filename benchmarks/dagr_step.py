@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also print torch.profiler's N most expensive ops of a DIKI and a DAGR step")
     args = ap.parse_args()
 
     import torch
@@ -161,6 +163,19 @@ def main() -> None:
     print(f"DAGR / floor throughput: {100 * sps['dagr'] / sps['floor']:.1f}% (target >= 85%)   "
           f"DAGR vs DIKI: {100 * (ms['dagr'] / ms['diki'] - 1):+.1f}% step time (target <= +15%)   "
           f"DIKI / floor: {100 * sps['diki'] / sps['floor']:.1f}%   [median of {args.repeats} rounds of {args.steps} steps]")
+
+    if args.profile:
+        # Where DAGR's extra time goes: the ops of a few steps, DIKI's beside DAGR's.
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        for name in ("diki", "dagr"):
+            timed_steps(name, 2)  # warm
+            with profile(activities=acts) as prof:
+                timed_steps(name, 5)
+            print(f"\n{name}: top {args.profile} ops over {args.warmup + 5} steps")
+            print(prof.key_averages().table(sort_by=sort, row_limit=args.profile))
 
 
 if __name__ == "__main__":

@@ -301,8 +301,12 @@ def fit_nodes(features: Sequence[Tensor], config: GraphConfig) -> list[Tensor]:
 
 
 def soft_assign(tokens: Tensor, centroids: Tensor, temperature: float) -> Tensor:
-    """``S = softmax_K(cos(token, centroid) / temperature)``: ``[..., N, D] -> [..., N, K]``."""
-    sim = F.normalize(tokens.float(), dim=-1) @ F.normalize(centroids.float(), dim=-1).T
+    """``S = softmax_K(cos(token, centroid) / temperature)``: ``[..., N, D] -> [..., N, K]``.
+
+    ``centroids`` ``[K, D]``, or with leading dims that broadcast against ``tokens``'
+    (``[L, 1, K, D]`` for tokens ``[L, B, N, D]``: every layer against its own nodes).
+    """
+    sim = F.normalize(tokens.float(), dim=-1) @ F.normalize(centroids.float(), dim=-1).transpose(-1, -2)
     return torch.softmax(sim / temperature, dim=-1)
 
 
@@ -357,12 +361,15 @@ def attention_probs(attn_logits: Tensor, beta: float = 1.0) -> Tensor:
     """Head-averaged ``softmax_j(beta * A_h[i, j])``: ``[B, H, N, N] -> [B, N, N]``."""
     if attn_logits.dim() != 4 or attn_logits.shape[-1] != attn_logits.shape[-2]:
         raise ValueError(f"attention logits must be [B, H, N, N], got {tuple(attn_logits.shape)}")
-    return torch.softmax(beta * attn_logits.float(), dim=-1).mean(dim=1)
+    x = attn_logits.float()
+    return torch.softmax(x if beta == 1.0 else beta * x, dim=-1).mean(dim=1)
 
 
-def _edge_sums(probs: Tensor, assign: Tensor) -> Tensor:
-    """``sum_b S_b^T P_b S_b`` ``[K, K]``; row ``i`` sums to node ``i``'s token mass."""
-    return (assign.transpose(1, 2) @ (probs @ assign)).sum(0)
+def _edge_sums(probs: Tensor, assign: Tensor, drawn: Tensor | None = None) -> Tensor:
+    """``sum_b S_b^T P_b S_b`` ``[..., K, K]`` (leading dims, e.g. layers, kept); row ``i``
+    sums to node ``i``'s token mass. ``drawn`` = ``P @ S`` when the caller has it."""
+    drawn = probs @ assign if drawn is None else drawn
+    return (assign.transpose(-1, -2) @ drawn).sum(-3)
 
 
 def node_edges(attn_logits: Tensor, assign: Tensor, beta: float = 1.0, topk: int | None = None) -> Tensor:
@@ -403,10 +410,13 @@ def rollout(attn: Sequence[Tensor], residual: float = 0.5) -> Tensor:
     return out
 
 
-def _flow_sums(probs: Tensor, assign: Tensor, assign_next: Tensor, residual: float) -> Tensor:
-    """``sum_b S_{l+1}^T Ã S_l`` ``[K_{l+1}, K_l]`` with ``Ã = (1 - r) P + r I`` (never built)."""
-    drawn = (1.0 - residual) * (probs @ assign) + residual * assign
-    return (assign_next.transpose(1, 2) @ drawn).sum(0)
+def _flow_sums(
+    probs: Tensor, assign: Tensor, assign_next: Tensor, residual: float, drawn: Tensor | None = None
+) -> Tensor:
+    """``sum_b S_{l+1}^T Ã S_l`` ``[..., K_{l+1}, K_l]`` with ``Ã = (1 - r) P + r I`` (never
+    built). ``drawn`` = ``P @ S_l`` when the caller has it (the intra-layer edges need it too)."""
+    ps = probs @ assign if drawn is None else drawn
+    return (assign_next.transpose(-1, -2) @ ((1.0 - residual) * ps + residual * assign)).sum(-3)
 
 
 def layer_flow(probs: Tensor, assign: Tensor, assign_next: Tensor, residual: float = 0.5) -> Tensor:
@@ -430,7 +440,7 @@ def inter_layer_edges(
     ``l`` (``f`` = identity), ``rollout_step`` ``[K', K]`` from :func:`layer_flow`;
     negative cosines are clamped to 0 so rows are non-negative weights. Returns ``[K', K]``.
     """
-    cos = F.normalize(upper.float(), dim=-1) @ F.normalize(lower.float(), dim=-1).T
+    cos = F.normalize(upper.float(), dim=-1) @ F.normalize(lower.float(), dim=-1).transpose(-1, -2)
     return topk_sparsify(row_norm(gamma * cos.clamp_min(0.0) + (1.0 - gamma) * rollout_step), topk)
 
 
@@ -519,17 +529,24 @@ class GraphAccumulator:
 
     Holds per layer ``[K, D] + [K] + 2 [K, K]`` sums, never the data. Gradients flow
     through the sums when the inputs require grad (the current-batch graph).
+
+    Every layer has the same ``K`` and ``D`` and the image tower the same ``N``, so all
+    layers are computed together, stacked on a leading layer dim: one batched op instead
+    of one per layer. The graph runs once per training step; at the tiny model's sizes a
+    per-layer loop spent as long dispatching its many small ops as computing them.
     """
 
-    def __init__(self, centroids: Sequence[Tensor], config: GraphConfig):
-        if not centroids:
+    def __init__(self, centroids: Sequence[Tensor] | Tensor, config: GraphConfig):
+        if len(centroids) == 0:
             raise ValueError("need centroids for at least one layer")
         self.config = config
-        self.centroids = [c.float() for c in centroids]
-        self.proto_sums: list[Tensor | None] = [None] * len(centroids)
-        self.mass: list[Tensor | None] = [None] * len(centroids)
-        self.edge_sums: list[Tensor | None] = [None] * len(centroids)
-        self.flow_sums: list[Tensor | None] = [None] * (len(centroids) - 1)
+        self.centroids = (centroids if isinstance(centroids, Tensor) else torch.stack(list(centroids))).float()  # [L, K, D]
+        L = self.centroids.shape[0]
+        self.num_layers = L
+        self.proto_sums: Tensor | None = None  # [L, K, D]
+        self.mass: Tensor | None = None  # [L, K]
+        self.edge_sums: Tensor | None = None  # [L, K, K]
+        self.flow_sums: Tensor | None = None  # [L - 1, K, K]
         self.tokens_seen = 0
 
     @staticmethod
@@ -537,33 +554,44 @@ class GraphAccumulator:
         # Starting from the first batch's value (not zeros + x) keeps one batch exact.
         return x if acc is None else acc + x
 
-    def update(self, tokens: Sequence[Tensor], attn: Sequence[Tensor]) -> None:
-        cfg, L = self.config, len(self.centroids)
+    def update(
+        self, tokens: Sequence[Tensor] | Tensor, attn: Sequence[Tensor], probs: Sequence[Tensor] | None = None
+    ) -> None:
+        """Add one batch: ``tokens`` per layer ``[B, N, D]`` (or stacked ``[L, B, N, D]``),
+        ``attn`` per layer ``[B, H, N, N]`` pre-softmax logits. ``probs``: optionally the
+        per-head ``softmax(beta * attn)`` per layer, when the caller has it already (a
+        capturing forward at ``beta = 1``); it is used instead of recomputing it."""
+        cfg, L = self.config, self.num_layers
         if len(tokens) != L or len(attn) != L:
             raise ValueError(f"expected {L} layers of tokens and attention, got {len(tokens)} and {len(attn)}")
+        for layer in range(L):
+            t, a = tokens[layer], attn[layer]
+            if t.dim() != 3 or a.dim() != 4 or a.shape[0] != t.shape[0] or a.shape[-1] != t.shape[1]:
+                raise ValueError(
+                    f"layer {layer}: tokens must be [B, N, D] and attention [B, H, N, N], "
+                    f"got {tuple(t.shape)} and {tuple(a.shape)}"
+                )
         with _fp32():
-            assigns, probs = [], []
-            for layer in range(L):
-                t, a = tokens[layer], attn[layer]
-                if t.dim() != 3 or a.shape[0] != t.shape[0] or a.shape[-1] != t.shape[1]:
-                    raise ValueError(
-                        f"layer {layer}: tokens must be [B, N, D] and attention [B, H, N, N], "
-                        f"got {tuple(t.shape)} and {tuple(a.shape)}"
-                    )
-                if self.centroids[layer].device != t.device:  # once: the graph lives with the data
-                    self.centroids[layer] = self.centroids[layer].to(t.device)
-                s = soft_assign(t, self.centroids[layer], cfg.temperature)
-                p = attention_probs(a, cfg.beta)
-                ps, m = _proto_sums(t, s)
-                self.proto_sums[layer] = self._add(self.proto_sums[layer], ps)
-                self.mass[layer] = self._add(self.mass[layer], m)
-                self.edge_sums[layer] = self._add(self.edge_sums[layer], _edge_sums(p, s))
-                assigns.append(s)
-                probs.append(p)
-            for layer in range(L - 1):
-                flow = _flow_sums(probs[layer], assigns[layer], assigns[layer + 1], cfg.residual)
-                self.flow_sums[layer] = self._add(self.flow_sums[layer], flow)
-        self.tokens_seen += tokens[0].shape[0] * tokens[0].shape[1]
+            t = tokens.float() if isinstance(tokens, Tensor) else torch.stack([x.float() for x in tokens])
+            if self.centroids.device != t.device:  # once: the graph lives with the data
+                self.centroids = self.centroids.to(t.device)
+            s = soft_assign(t, self.centroids[:, None], cfg.temperature)  # [L, B, N, K]
+            # The softmax runs per layer (the [B, H, N, N] logits are the large tensors:
+            # stacking them would copy them all); everything after it on [L, B, N, N].
+            if probs is not None:
+                probs = torch.stack([p.float().mean(dim=1) for p in probs])
+            else:
+                probs = torch.stack([attention_probs(a, cfg.beta) for a in attn])
+            drawn = probs @ s  # [L, B, N, K]: where each token's attention lands, by node
+            flat_t = F.normalize(t, dim=-1).flatten(1, 2)  # [L, B N, D]
+            flat_s = s.flatten(1, 2)  # [L, B N, K]
+            self.proto_sums = self._add(self.proto_sums, flat_s.transpose(-1, -2) @ flat_t)
+            self.mass = self._add(self.mass, flat_s.sum(1))
+            self.edge_sums = self._add(self.edge_sums, _edge_sums(probs, s, drawn))
+            if L > 1:
+                flow = _flow_sums(probs[:-1], s[:-1], s[1:], cfg.residual, drawn[:-1])
+                self.flow_sums = self._add(self.flow_sums, flow)
+        self.tokens_seen += t.shape[1] * t.shape[2]
 
     def finalize(self, support: TaskGraph | None = None) -> TaskGraph:
         """The graph of everything seen so far.
@@ -577,45 +605,40 @@ class GraphAccumulator:
             raise ValueError("no batch was added")
         cfg = self.config
         store = support is None
+        assert self.mass is not None and self.edge_sums is not None and self.proto_sums is not None
         with _fp32():
-            layers = []
-            for layer, c in enumerate(self.centroids):
-                mass, edge_sums, proto_sums = self.mass[layer], self.edge_sums[layer], self.proto_sums[layer]
-                assert mass is not None and edge_sums is not None and proto_sums is not None
-                edges = row_norm(edge_sums)
-                if support is None:
-                    edges = topk_sparsify(edges, cfg.topk)
-                elif _sparse(cfg.topk, edges.shape[-1]):
-                    edges = restrict(edges, support.layers[layer].edges.to(edges.device) > 0)
-                protos = proto_sums / mass.clamp_min(EPS)[:, None]
-                layers.append(
-                    LayerGraph(
-                        centroids=c.to(cfg.dtype) if store else c,
-                        prototypes=protos.to(cfg.dtype) if store else protos,
-                        mass=mass / float(self.tokens_seen),
-                        edges=edges,
-                    )
-                )
-            transitions = []
-            for layer, flow in enumerate(self.flow_sums):
-                assert flow is not None
-                lower, upper = (
-                    (self.centroids[layer], self.centroids[layer + 1])
-                    if cfg.path_similarity == "centroids"
-                    # Rounded like the stored prototypes, so stored and current agree exactly.
-                    else (
-                        layers[layer].prototypes.to(cfg.dtype).float(),
-                        layers[layer + 1].prototypes.to(cfg.dtype).float(),
-                    )
-                )
-                upper, lower = upper.to(flow.device), lower.to(flow.device)
-                if support is None:
-                    t = inter_layer_edges(upper, lower, row_norm(flow), cfg.gamma, cfg.topk)
+            edges = row_norm(self.edge_sums)  # [L, K, K]
+            if store:
+                edges = topk_sparsify(edges, cfg.topk)
+            elif _sparse(cfg.topk, edges.shape[-1]):
+                edges = restrict(edges, torch.stack([layer.edges for layer in support.layers]).to(edges.device) > 0)
+            protos = self.proto_sums / self.mass.clamp_min(EPS)[..., None]
+            mass = self.mass / float(self.tokens_seen)
+            if store:
+                # Own storage per stored tensor (not views of the stacked sums).
+                centroids, protos, mass, edges = (x.clone() for x in (self.centroids.to(cfg.dtype), protos.to(cfg.dtype), mass, edges))
+            else:
+                centroids = self.centroids
+            layers = [
+                LayerGraph(centroids=centroids[i], prototypes=protos[i], mass=mass[i], edges=edges[i])
+                for i in range(self.num_layers)
+            ]
+            transitions: list[Tensor] = []
+            if self.flow_sums is not None:
+                flow = self.flow_sums
+                if cfg.path_similarity == "centroids":
+                    nodes = self.centroids
+                else:  # rounded like the stored prototypes, so stored and current agree exactly
+                    nodes = (self.proto_sums / self.mass.clamp_min(EPS)[..., None]).to(cfg.dtype).float()
+                nodes = nodes.to(flow.device)
+                upper, lower = nodes[1:], nodes[:-1]
+                if store:
+                    t = inter_layer_edges(upper, lower, row_norm(flow), cfg.gamma, cfg.topk).clone()
                 else:
                     t = inter_layer_edges(upper, lower, row_norm(flow), cfg.gamma, None)
                     if _sparse(cfg.topk, t.shape[-1]):
-                        t = restrict(t, support.transitions[layer].to(t.device) > 0)
-                transitions.append(t)
+                        t = restrict(t, torch.stack(list(support.transitions)).to(t.device) > 0)
+                transitions = list(t.unbind(0))
         graph = TaskGraph(layers=layers, transitions=transitions, config=cfg)
         return graph.detach() if store else graph
 
@@ -628,27 +651,25 @@ def build_graph(
     """The graph of a whole task, to store: ``batches`` yields ``(tokens, attn)`` per
     batch, each a per-layer list (``[B, N, D]`` and ``[B, H, N, N]``); only running sums
     are kept. ``centroids`` from :func:`fit_nodes` (rounded to ``config.store_dtype``)."""
-    acc = GraphAccumulator([c.to(config.dtype).float() for c in centroids], config)
+    acc = GraphAccumulator(torch.stack([c.to(config.dtype).float() for c in centroids]), config)
     with torch.no_grad():
         for tokens, attn in batches:
             acc.update([t.detach() for t in tokens], [a.detach() for a in attn])
         return acc.finalize()
 
 
-def current_graph(tokens: Sequence[Tensor], attn: Sequence[Tensor], stored: TaskGraph) -> TaskGraph:
+def current_graph(
+    tokens: Sequence[Tensor] | Tensor, attn: Sequence[Tensor], stored: TaskGraph, probs: Sequence[Tensor] | None = None
+) -> TaskGraph:
     """The graph of the current batch on the stored graph's nodes, with its config and
-    top-k support; differentiable w.r.t. ``tokens`` and ``attn``."""
-    acc = GraphAccumulator([layer.centroids.float() for layer in stored.layers], stored.config)
-    acc.update(tokens, attn)
+    top-k support; differentiable w.r.t. ``tokens`` (per layer, or stacked ``[L, B, N, D]``)
+    and ``attn`` (or ``probs``, see :meth:`GraphAccumulator.update`)."""
+    acc = GraphAccumulator(torch.stack([layer.centroids for layer in stored.layers]), stored.config)
+    acc.update(tokens, attn, probs)
     return acc.finalize(support=stored)
 
 
 # --------------------------------------------------------------------------- losses
-def _masked_kl(p: Tensor, q: Tensor, mask: Tensor) -> Tensor:
-    """Sum over rows of ``KL(RowNorm(M * p) || RowNorm(M * q))``, divided by the row count."""
-    return kl_rows(row_norm(mask * p), row_norm(mask * q)).sum() / p.shape[0]
-
-
 def graph_losses(
     current: TaskGraph,
     stored: TaskGraph,
@@ -671,31 +692,38 @@ def graph_losses(
     if len(current.layers) != L:
         raise ValueError(f"current graph has {len(current.layers)} layers, stored has {L}")
     device = current.layers[0].edges.device
+
+    def stack(graph: TaskGraph, key: str) -> Tensor:
+        return torch.stack([getattr(layer, key) for layer in graph.layers]).to(device).float()
+
     with _fp32():
+        # All layers at once, stacked [L, ...] (see GraphAccumulator).
         if old is None:
-            old = [
-                old_node_mask(c.prototypes, s.prototypes, tau, c.mass, s.mass, min_mass)
-                for c, s in zip(current.layers, stored.layers)
-            ]
-        old = [o.to(device) for o in old]
+            old_nodes = old_node_mask(
+                stack(current, "prototypes"), stack(stored, "prototypes"), tau,
+                stack(current, "mass"), stack(stored, "mass"), min_mass,
+            )  # fmt: skip
+        else:
+            old_nodes = torch.stack([o.to(device) for o in old])
+        old_f = old_nodes.float()  # [L, K]
         w = layer_weights(L, decay).to(device)
-        edge = torch.zeros((), device=device)
+        mask = old_f[:, :, None] * old_f[:, None, :]  # [L, K, K]
+        p, q = stack(stored, "edges").detach(), stack(current, "edges")
+        k_rows = p.shape[-2]
+        pm, qm = row_norm(mask * p), row_norm(mask * q)
+        edge = (w * kl_rows(pm, qm).sum(-1) / k_rows).sum()
         multi = torch.zeros((), device=device)
-        for layer, (c, s) in enumerate(zip(current.layers, stored.layers)):
-            mask = edge_mask(old[layer])
-            p, q = s.edges.detach().to(device).float(), c.edges.float()
-            edge = edge + w[layer] * _masked_kl(p, q, mask)
-            if hops:
-                # Powers of the old subgraph only: a path through a new node does not count.
-                pm, qm = row_norm(mask * p), row_norm(mask * q)
-                per_hop = [kl_rows(multi_hop(pm, k), multi_hop(qm, k)).sum() / p.shape[0] for k in hops]
-                multi = multi + w[layer] * torch.stack(per_hop).mean()
+        if hops:
+            # Powers of the old subgraph only: a path through a new node does not count.
+            per_hop = torch.stack([kl_rows(multi_hop(pm, k), multi_hop(qm, k)).sum(-1) / k_rows for k in hops])
+            multi = (w * per_hop.mean(0)).sum()
         path = torch.zeros((), device=device)
         if L > 1:
             wp = layer_weights(L - 1, decay).to(device)
-            for layer, (tc, ts) in enumerate(zip(current.transitions, stored.transitions)):
-                mask = edge_mask(old[layer + 1], old[layer])
-                path = path + wp[layer] * _masked_kl(ts.detach().to(device).float(), tc.float(), mask)
+            mask_t = old_f[1:, :, None] * old_f[:-1, None, :]  # [L - 1, K_{l+1}, K_l]
+            ts = torch.stack(list(stored.transitions)).to(device).float().detach()
+            tc = torch.stack(list(current.transitions)).float()
+            path = (wp * kl_rows(row_norm(mask_t * ts), row_norm(mask_t * tc)).sum(-1) / ts.shape[-2]).sum()
     return {"edge": lambdas[0] * edge, "multi": lambdas[1] * multi, "path": lambdas[2] * path}
 
 

@@ -63,7 +63,10 @@ class LayerCapture:
       q k^T / sqrt(d_head) plus the block's mask (-inf where the text tower's causal mask
       hides a key);
     - ``prompt_logits``: query-to-prompt logits per head, q k_p^T / sqrt(d_head), [B, H, N, P]
-      (P = 0 when the forward ran without prompts).
+      (P = 0 when the forward ran without prompts);
+    - ``attn_probs``: ``softmax(attn_logits)`` per head in float32, [B, H, N, N]: the
+      attention the block applied (a capturing forward computes it explicitly instead of
+      through the fused kernel, so the logits it has to materialise anyway serve twice).
 
     Tensors keep their autograd graph when the forward had one (losses may use them); they
     are in the forward's compute dtype (bf16 / fp16 under autocast).
@@ -74,6 +77,7 @@ class LayerCapture:
     tokens: torch.Tensor
     attn_logits: torch.Tensor
     prompt_logits: torch.Tensor
+    attn_probs: torch.Tensor
 
 
 @dataclass
@@ -340,8 +344,17 @@ class PromptedCLIP(nn.Module):
         qkv = F.linear(q_x, attn.in_proj_weight, attn.in_proj_bias)
         q, k, v = qkv.unflatten(-1, (3, H, dh)).permute(2, 0, 3, 1, 4)  # 3 x [B, H, N, dh]
         mask = _additive_mask(attn_mask, B, H, N, q_x.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, N, dh]
         scale = dh**-0.5
+        if state.capture is not None:
+            # The capture needs the [B, H, N, N] logits; computing the attention from them
+            # costs one softmax and one matmul, where the fused kernel would redo q k^T.
+            logits = (q @ k.transpose(-1, -2)) * scale
+            if mask is not None:
+                logits = logits + mask.to(logits.dtype)  # keep the compute dtype under autocast
+            probs = logits.float().softmax(-1)  # float32 like the fused kernel's accumulation
+            out = probs.to(v.dtype) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, N, dh]
         prompt_logits = None
         if state.keys is not None:
             kp = state.keys[layer].unflatten(-1, (H, dh)).transpose(1, 2)  # [B|1, H, P, dh]
@@ -351,14 +364,12 @@ class PromptedCLIP(nn.Module):
             out = out + state.weight * o_p
         out = F.linear(out.transpose(1, 2).reshape(B, N, D), attn.out_proj.weight, attn.out_proj.bias)
         if state.capture is not None:
-            logits = (q @ k.transpose(-1, -2)) * scale
-            if mask is not None:
-                logits = logits + mask.to(logits.dtype)  # keep the compute dtype under autocast
             if prompt_logits is None:
                 prompt_logits = q.new_zeros(B, H, N, 0)
             # tokens are filled in by the block's forward hook once the block returns
+            entry = LayerCapture(state.tower, layer, q.new_empty(0), logits, prompt_logits, probs)
             if len(state.capture) == layer:
-                state.capture.append(LayerCapture(state.tower, layer, q.new_empty(0), logits, prompt_logits))
+                state.capture.append(entry)
             else:  # the same block ran again inside one forward (not in open_clip's CLIP)
-                state.capture[layer] = LayerCapture(state.tower, layer, q.new_empty(0), logits, prompt_logits)
+                state.capture[layer] = entry
         return out

@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+
+from mmcl.data.base import make_loader
 
 if TYPE_CHECKING:  # imported for type hints only: no heavy work at import time
     from mmcl.backbones.clip import ClipBackbone
@@ -62,6 +64,15 @@ class MethodContext:
     generator: torch.Generator
     templates: str = "all"
     extra: dict[str, Any] = field(default_factory=dict)
+    # run.data_workers: worker processes per DataLoader (see loader()).
+    data_workers: int = 0
+
+    def loader(self, data: Dataset, batch_size: int, shuffle: bool = False, **kwargs: Any) -> DataLoader:
+        """A DataLoader over ``data`` with the run's worker processes (``run.data_workers``)
+        and pinned memory on CUDA. Methods use it for their own passes over a task's data
+        (Gaussians, Fisher, graphs), so real datasets decode in parallel there too."""
+        return make_loader(data, batch_size, self.data_workers, self.device, shuffle=shuffle, **kwargs)
+
 
 
 class Method:

@@ -42,7 +42,6 @@ from typing import Any
 
 import torch
 from pydantic import Field
-from torch.utils.data import DataLoader
 
 from cl_methods import register
 from cl_methods._cma_model import info_nce, kd_loss, relation_matrix, sqrt_tasks
@@ -121,7 +120,7 @@ class CMA(PairedMethod):
         data = self.ctx.train_sets[task_index]
         total = None
         n = 0
-        for batch in DataLoader(data, batch_size=self.run.evaluation.batch_size):
+        for batch in self.ctx.loader(data, self.run.evaluation.batch_size):
             batch = {k: v.to(self.ctx.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             gates = torch.stack([w.sum(0) for w in self.forward(batch)["gates"]])
             total = gates if total is None else total + gates

@@ -178,15 +178,17 @@ class DAGR(DIKI):
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
     # ------------------------------------------------------------------ graph inputs
-    def graph_inputs(self, images: torch.Tensor, s: int) -> tuple[torch.Tensor, list, list]:
+    def graph_inputs(self, images: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor, list, list]:
         """One prompted image forward (set ``s``, w = 1) with the graph's inputs captured:
-        (normalised image features, per-layer joint-space tokens [B, N, E] = inputs of the
-        prompted blocks, per-layer token attention logits [B, H, N, N])."""
+        (normalised image features, joint-space tokens [L, B, N, E] = inputs of the
+        prompted blocks, per-layer token attention logits [B, H, N, N] and their per-head
+        softmax, the attention the blocks applied)."""
         L = self.layers
         with self.prompted.capture() as cap, _residual_stream(self._img_blocks, L - 1) as stream:
             feats = self.prompted.encode_image(images, sets=s, weight=1.0)
-        tokens = [self._project_image(x) for x in stream[:L]]
-        return feats, tokens, [c.attn_logits for c in cap.image]
+        # One projection of all layers stacked (the graph maths is stacked too).
+        tokens = self._project_image(torch.stack(stream[:L]))
+        return feats, tokens, [c.attn_logits for c in cap.image], [c.attn_probs for c in cap.image]
 
     @torch.no_grad()
     def _class_text_layers(self, task, s: int) -> list[torch.Tensor]:
@@ -211,7 +213,7 @@ class DAGR(DIKI):
             # ctx.generator is reseeded by the engine per task: the same subset on a rerun.
             idx = torch.randperm(len(data), generator=self.ctx.generator)[:n].sort().values
             data = Subset(data, idx.tolist())
-        return DataLoader(data, batch_size=self.run.evaluation.batch_size, shuffle=False)
+        return self.ctx.loader(data, self.run.evaluation.batch_size)
 
     @torch.no_grad()
     def fit_nodes(self, task_index: int, batches: Iterable[dict]) -> list[torch.Tensor]:
@@ -224,7 +226,7 @@ class DAGR(DIKI):
         for batch in batches:
             images = batch["image"].to(self.ctx.device)
             labels = batch["label"].to(self.ctx.device)
-            _, tokens, _ = self.graph_inputs(images, task_index)
+            _, tokens, _, _ = self.graph_inputs(images, task_index)
             B, N = tokens[0].shape[:2]
             pick = torch.rand(B, N, generator=self.ctx.generator).argsort(dim=1)[:, : min(m, N)]
             pick = pick.to(images.device)
@@ -243,7 +245,7 @@ class DAGR(DIKI):
 
         def batches():
             for x in images:
-                _, tokens, attn = self.graph_inputs(x.to(self.ctx.device), task_index)
+                _, tokens, attn, _ = self.graph_inputs(x.to(self.ctx.device), task_index)
                 yield tokens, attn
 
         graph = dg.build_graph(batches(), self.centroids, self.graph_config)
@@ -253,15 +255,18 @@ class DAGR(DIKI):
         return graph
 
     # ------------------------------------------------------------------ training
-    def graph_terms(self, tokens: list, attn: list, task_index: int) -> dict[str, torch.Tensor]:
+    def graph_terms(
+        self, tokens: torch.Tensor, attn: list, task_index: int, probs: list | None = None
+    ) -> dict[str, torch.Tensor]:
         """The weighted graph terms against the stored graph of task ``task_index - 1``
-        (only those with a non-zero lambda)."""
+        (only those with a non-zero lambda). ``probs`` (the captured per-head attention)
+        saves recomputing the softmax; it is only the graph's at ``beta = 1``."""
         prev = task_index - 1
         if self._device_graph is None or self._device_graph[0] != prev:
             self._device_graph = (prev, self.graphs[prev].to(tokens[0].device))
         stored = self._device_graph[1]
         cfg = self.config
-        current = dg.current_graph(tokens, attn, stored)
+        current = dg.current_graph(tokens, attn, stored, probs if cfg.beta == 1.0 else None)
         terms = dg.graph_losses(current, stored, cfg.lambdas, cfg.lambda_decay, tuple(cfg.hops), cfg.tau, cfg.min_mass)
         return {k: terms[k] for k, lam in zip(_TERMS, cfg.lambdas) if lam > 0}
 
@@ -272,11 +277,11 @@ class DAGR(DIKI):
             raise ValueError("dagr trains on the current task's samples only (no replay or joint batches)")
         task = self.ctx.tasks[task_index]
         head = self.text_head(task, task_index, 1.0, cache=False)
-        feats, tokens, attn = self.graph_inputs(batch["image"], task_index)
+        feats, tokens, attn, probs = self.graph_inputs(batch["image"], task_index)
         logits = self.backbone.logit_scale() * feats.float() @ head.T
         # The same per-sample sum / batch size as DIKI's task_cross_entropy.
         ce = F.cross_entropy(logits.float(), batch["label"], reduction="sum") / len(logits)
-        return {"ce": ce, **self.graph_terms(tokens, attn, task_index)}
+        return {"ce": ce, **self.graph_terms(tokens, attn, task_index, probs)}
 
     def after_task(self, task_index, task):
         super().after_task(task_index, task)

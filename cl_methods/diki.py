@@ -31,7 +31,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
-from torch.utils.data import DataLoader
 
 from cl_methods import register
 from cl_methods._prompted_clip import PromptedCLIP
@@ -117,7 +116,7 @@ class DIKI(Method):
     @torch.no_grad()
     def _features(self, task_index: int) -> torch.Tensor:
         data = self.ctx.train_sets[task_index]
-        loader = DataLoader(data, batch_size=self.run.evaluation.batch_size, shuffle=False)
+        loader = self.ctx.loader(data, self.run.evaluation.batch_size)
         feats = [self.backbone.encode_image(b["image"].to(self.ctx.device), normalize=True).float() for b in loader]
         return torch.cat(feats)
 

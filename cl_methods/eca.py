@@ -254,7 +254,7 @@ class ECA(Method):
             from mmcl.data.base import collate  # the engine's collate (text samples as lists)
         except ImportError:  # pragma: no cover - an older engine
             from torch.utils.data import default_collate as collate
-        return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
+        return self.ctx.loader(data, batch_size, collate_fn=collate)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.ctx.device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 from pydantic import Field
-from torch.utils.data import DataLoader
 
 from cl_methods import register
 from cl_methods._paired import PairedConfig, PairedMethod
@@ -47,7 +46,7 @@ class PairedEWC(PairedMethod):
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         fisher = {n: torch.zeros_like(p) for n, p in named}
         data = self.ctx.train_sets[task_index]
-        for batch in DataLoader(data, batch_size=self.config.fisher_batch_size):
+        for batch in self.ctx.loader(data, self.config.fisher_batch_size):
             batch = {k: v.to(self.ctx.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             loss = self.cross_entropy(self.forward(batch)["joint"], batch["label"])
             grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)

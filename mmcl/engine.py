@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from mmcl.spec import RunSpec
 
@@ -170,7 +170,7 @@ def evaluate(method, tasks, run: RunSpec, device: torch.device, amp_dtype) -> tu
     document frequencies come from the whole evaluated set, so strings are gathered over
     all batches and scored once per task.
     """
-    from mmcl.data.base import collate
+    from mmcl.data.base import collate, make_loader
 
     ev = run.evaluation
     scores, names, sizes = {}, {}, {}
@@ -184,7 +184,7 @@ def evaluate(method, tasks, run: RunSpec, device: torch.device, amp_dtype) -> tu
         correct = total = 0
         generated: list[str] = []
         refs: list[list[str]] = []
-        for batch in DataLoader(data, batch_size=ev.batch_size, shuffle=False, collate_fn=collate):
+        for batch in make_loader(data, ev.batch_size, run.data_workers, device, shuffle=False, collate_fn=collate):
             batch = _to_device(batch, device)
             with autocast:
                 out = method.predict(batch, task)
@@ -259,6 +259,7 @@ def prepare(run: RunSpec) -> Prepared:
         device=device,
         generator=method_gen,
         templates=run.evaluation.templates,
+        data_workers=run.data_workers,
     )
     method = build_method(run.method.name, run.method.config)
     method.setup(backbone, run, ctx)
@@ -381,13 +382,14 @@ def run_continual(
 
 
 def _train_task(method, optimizer, t: int, task_name: str, run: RunSpec, device, amp_dtype) -> list[dict]:
-    from mmcl.data.base import collate
+    from mmcl.data.base import collate, make_loader
 
     tr = run.training
     data = method.train_dataset(t)
     g = torch.Generator().manual_seed(derive_seed(run.seed, "data", t))
-    loader = DataLoader(
-        data, batch_size=tr.batch_size, shuffle=True, generator=g, drop_last=len(data) > tr.batch_size, collate_fn=collate
+    loader = make_loader(
+        data, tr.batch_size, run.data_workers, device,
+        shuffle=True, generator=g, drop_last=len(data) > tr.batch_size, collate_fn=collate,
     )
     total = max(1, math.ceil(tr.epochs * len(loader)))
     if tr.max_steps:

@@ -229,6 +229,12 @@ class RunSpec(Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     # Threads torch may use inside one trial (match it to resources.cpu).
     torch_threads: int | None = Field(default=None, ge=1)
+    # DataLoader worker processes per loader (training, evaluation, and the passes methods
+    # make over a task's data). 0 loads in the trial's own process: right for the generated
+    # benchmarks, whose samples are tensors in memory. Real image / video data (MTIL, COCO,
+    # AVE) decode and resize on the fly and leave a GPU waiting: give them a few workers
+    # (and resources.cpu to match). Results do not depend on it.
+    data_workers: int = Field(default=0, ge=0)
 
 
 # --------------------------------------------------------------------------- stages

@@ -55,8 +55,8 @@ def setup():
 
 
 def _terms(m: DAGR, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    _, tokens, attn = m.graph_inputs(images, 1)
-    return m.graph_terms(tokens, attn, 1)
+    _, tokens, attn, probs = m.graph_inputs(images, 1)
+    return m.graph_terms(tokens, attn, 1, probs)
 
 
 def _perturbed(m: DAGR, layer: int, scale: float):
@@ -82,11 +82,11 @@ def test_graph_terms_zero_on_the_stored_batch_and_grow_with_a_perturbed_layer(se
     stored = m.graphs[0]
     assert len(stored.layers) == LAYERS and stored.layers[0].centroids.shape == (K, EMBED)
     # Unchanged model and data: every term is exactly zero, with old nodes present (not vacuous).
-    _, tokens, attn = m.graph_inputs(images, 1)
+    _, tokens, attn, probs = m.graph_inputs(images, 1)
     cur = dg.current_graph(tokens, attn, stored)
     old = [dg.old_node_mask(c.prototypes, s.prototypes, 0.5, c.mass, s.mass, 1e-4) for c, s in zip(cur.layers, stored.layers)]
     assert all(int(o.sum()) >= 2 for o in old), old
-    terms = m.graph_terms(tokens, attn, 1)
+    terms = m.graph_terms(tokens, attn, 1, probs)
     assert set(terms) == {"edge", "multi", "path"}
     assert all(v.detach().item() == 0.0 for v in terms.values()), terms
 

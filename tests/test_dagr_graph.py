@@ -299,3 +299,51 @@ def test_stored_size_vit_b16_like():
     assert 0.1e6 < size < 0.5e6
     moved = graph.to("cpu")
     assert moved.nbytes() == size and moved.layers[0].centroids.dtype == torch.float16
+
+
+def test_layers_computed_together_equal_the_per_layer_definitions():
+    """The accumulator and the losses run all layers stacked (one op per step of the maths,
+    not one per layer); each layer must still be exactly what the per-layer definitions
+    (node_edges, layer_flow, inter_layer_edges, masked KL per layer) give."""
+    tokens, attn, _ = capture(0)
+    cfg = config(beta=0.7, residual=0.4, gamma=0.3)
+    stored = stored_graph(tokens, attn, cfg)
+    cents = [layer.centroids.float() for layer in stored.layers]
+    assign = [dg.soft_assign(t, c, cfg.temperature) for t, c in zip(tokens, cents)]
+    for layer in range(L):
+        ref = dg.node_edges(attn[layer], assign[layer], cfg.beta, cfg.topk)
+        torch.testing.assert_close(stored.layers[layer].edges, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stored.layers[layer].prototypes.float(),
+                                   dg.prototypes(tokens[layer], assign[layer]).to(cfg.dtype).float())  # fmt: skip
+    for layer in range(L - 1):
+        flow = dg.layer_flow(dg.attention_probs(attn[layer], cfg.beta), assign[layer], assign[layer + 1], cfg.residual)
+        ref = dg.inter_layer_edges(cents[layer + 1], cents[layer], flow, cfg.gamma, cfg.topk)
+        torch.testing.assert_close(stored.transitions[layer], ref, rtol=1e-5, atol=1e-6)
+
+    # Losses of a drifted batch against the per-layer sums of the masked KLs.
+    g = torch.Generator().manual_seed(1)
+    drifted = [t + 0.5 * torch.randn(t.shape, generator=g) for t in tokens]
+    current = dg.current_graph(drifted, attn, stored)
+    got = dg.graph_losses(current, stored, lambdas=(1.0, 1.0, 1.0), decay=0.7, hops=(2, 3), tau=0.0)
+    old = [dg.old_node_mask(c.prototypes, s.prototypes, 0.0, c.mass, s.mass, 1e-4)
+           for c, s in zip(current.layers, stored.layers)]  # fmt: skip
+    w, wp = dg.layer_weights(L, 0.7), dg.layer_weights(L - 1, 0.7)
+
+    def masked_kl(p, q, m):
+        return dg.kl_rows(dg.row_norm(m * p), dg.row_norm(m * q)).sum() / p.shape[0]
+
+    edge = multi = path = 0.0
+    for layer in range(L):
+        m = dg.edge_mask(old[layer])
+        p, q = stored.layers[layer].edges, current.layers[layer].edges
+        edge += w[layer] * masked_kl(p, q, m)
+        pm, qm = dg.row_norm(m * p), dg.row_norm(m * q)
+        multi += w[layer] * torch.stack([dg.kl_rows(dg.multi_hop(pm, k), dg.multi_hop(qm, k)).sum() / K
+                                         for k in (2, 3)]).mean()  # fmt: skip
+    for layer in range(L - 1):
+        m = dg.edge_mask(old[layer + 1], old[layer])
+        path += wp[layer] * masked_kl(stored.transitions[layer], current.transitions[layer], m)
+    assert float(got["edge"]) > 0 and float(got["multi"]) > 0 and float(got["path"]) > 0
+    torch.testing.assert_close(got["edge"], edge, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got["multi"], multi, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got["path"], path, rtol=1e-5, atol=1e-7)

@@ -78,3 +78,12 @@ def test_grad_clip_bounds_the_update():
     run_continual(run, prepared=prep)
     after = torch.cat([p.detach().flatten() for p in prep.method.trainable_parameters()])
     assert 0 < torch.linalg.vector_norm(after - before) <= 1e-3 * 1.0001
+
+
+def test_data_workers_change_where_samples_load_not_the_results():
+    # DIKI also makes its own pass over each task (the Gaussian fit) through ctx.loader.
+    run = tiny_run("diki", {"prompt_depth": 1, "prompt_length": 2}, num_tasks=2, steps=2)
+    base = run_continual(run)
+    workers = run_continual(run.model_copy(update={"data_workers": 2}))
+    np.testing.assert_array_equal(np.array(base.matrix), np.array(workers.matrix))
+    assert [c["loss"] for c in base.curves] == [c["loss"] for c in workers.curves]

@@ -145,3 +145,39 @@ def test_spec_errors_name_the_key():
 def test_other_image_size():
     bench = build_benchmark(_small(options={"image_size": 48}))
     assert bench.tasks[0].train.images.shape[-2:] == (48, 48)
+
+
+def _routing_accuracy(mix: float) -> float:
+    """Share of test images whose task a Gaussian per task (DIKI's identifier) over simple
+    pixel statistics gets right."""
+    from cl_methods._task_identifier import GaussianTaskIdentifier
+
+    opts = {"n_train_per_class": 30, "n_test_per_class": 10, "domain_mix": mix}
+    bench = build_benchmark(BenchmarkSpec(options=opts))
+
+    def feats(x: torch.Tensor) -> torch.Tensor:  # per-image channel means and stds
+        x = _denormalise(x)
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1)
+
+    ident = GaussianTaskIdentifier(shrinkage="auto")
+    for t in bench.tasks:
+        ident.fit_task(feats(t.train.images))
+    right = total = 0
+    for i, t in enumerate(bench.tasks):
+        pred, _ = ident.identify(feats(t.test.images))
+        right += int((pred == i).sum())
+        total += len(pred)
+    return right / total
+
+
+def test_domain_mix_makes_task_identity_ambiguous():
+    # Own domains: a task's images say which task they belong to. domain_mix 1: every
+    # task draws from all six looks, so routing by image statistics is near chance (1/6).
+    assert _routing_accuracy(0.0) > 0.9
+    assert _routing_accuracy(1.0) < 0.35
+    mixed = build_synthetic({**SMALL, "domain_mix": 0.5}, 32, 0)
+    plain = build_synthetic(SMALL, 32, 0)
+    for a, b in zip(mixed.tasks, plain.tasks):
+        assert torch.equal(a.train.labels, b.train.labels)  # same labels, other pixels
+        assert not torch.equal(a.train.images, b.train.images)
+        assert a.info["domain_mix"] == 0.5

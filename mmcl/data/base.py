@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 
 @dataclass
@@ -130,3 +130,15 @@ class BenchmarkBuilder(Protocol):
     """
 
     def __call__(self, options: dict, image_size: int, seed: int, **disk: Any) -> Benchmark: ...
+
+
+def make_loader(data: Dataset, batch_size: int, workers: int, device: torch.device, **kwargs: Any) -> DataLoader:
+    """The one place DataLoaders get their worker / pinning options. Worker processes only
+    change where samples are decoded, not which or in what order (the sampler stays in the
+    main process), so results do not depend on ``workers``."""
+    if workers > 0:
+        kwargs.setdefault("num_workers", workers)
+        # A few batches ahead per worker is enough; more only holds decoded images in memory.
+        kwargs.setdefault("prefetch_factor", 2)
+    kwargs.setdefault("pin_memory", device.type == "cuda")
+    return DataLoader(data, batch_size=batch_size, **kwargs)

@@ -25,8 +25,9 @@ Two on-disk layouts (``options.layout``):
 
 Datasets without an official test split (Caltech101, EuroSAT from ``2750``, SUN397 in the
 ZSCL layout; MNIST and CIFAR100 training sets in the CoOp layout, where DIKI holds 20% out
-as validation) are split 80/20: per class by default (:func:`split_per_class`), or with
-ZSCL's own unstratified split (``split_rule: zscl``, :func:`split_like_zscl`).
+as validation) are split 80/20: with ZSCL's own unstratified split (:func:`split_like_zscl`)
+in the ZSCL layout and per class (:func:`split_per_class`) in the CoOp layout by default
+(``split_rule: auto``); ``split_rule: per_class`` / ``zscl`` choose one for both.
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ class MtilOptions(BaseModel):
     shots_seed: int = 1
     # The 80/20 split of datasets without an official test split: per_class (stratified,
     # see split_per_class) or zscl (ZSCL's own: one torch random_split of the whole set).
-    split_rule: Literal["per_class", "zscl"] = "per_class"
+    # auto: zscl in the zscl layout (its test sets are then exactly those ZSCL's published
+    # matrices were measured on), per_class in the coop layout (DIKI's 20% validation).
+    split_rule: Literal["auto", "per_class", "zscl"] = "auto"
     split_seed: int = 42
 
 
@@ -667,6 +670,8 @@ def build_mtil(
     check_data(options, root, names)
     base = Path(root).expanduser().resolve()  # type: ignore[arg-type]
     layout = resolve_layout(opts.layout, base)
+    if opts.split_rule == "auto":
+        opts = opts.model_copy(update={"split_rule": "zscl" if layout == "zscl" else "per_class"})
     transform = preprocess if preprocess is not None else default_preprocess(image_size)
     built = []
     for name in names:

@@ -168,6 +168,14 @@ class SyntheticOptions(BaseModel):
     data_seed: int = 0
     # None = the backbone's input size (32 for the tiny CLIP).
     image_size: int | None = Field(default=None, ge=8)
+    # Share of each task's images (train and test) rendered in a domain drawn uniformly
+    # from all six tasks' domains instead of the task's own. 0 (default): every task has its
+    # own look, so a task-identity model on frozen image features routes almost perfectly.
+    # 1: all tasks share one image distribution and only the label factor tells them
+    # apart, as MTIL datasets that overlap in content do (Caltech101 / ImageNet-like
+    # photos, Flowers / Food close-ups): identity-routed methods (DIKI, DAGR) then apply a
+    # later task's prompts to earlier tasks' samples, and that is where they forget.
+    domain_mix: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 # --------------------------------------------------------------------------- scenes
@@ -564,12 +572,22 @@ def pretraining_batch(
 # --------------------------------------------------------------------------- benchmark
 
 
-def _split(tdef: TaskDef, n_per_class: int, g: torch.Generator, image_size: int) -> TensorTaskDataset:
+def _split(tdef: TaskDef, n_per_class: int, g: torch.Generator, image_size: int, domain_mix: float = 0.0) -> TensorTaskDataset:
     n_classes = len(FACTOR_VALUES[tdef.factor])
     labels = torch.arange(n_classes).repeat_interleave(n_per_class)
     labels = labels[torch.randperm(len(labels), generator=g)]
     scenes = sample_scenes(g, len(labels), tdef.factor, labels)
-    images = normalize(render(scenes, tdef.domain, g, image_size))
+    if domain_mix == 0.0:
+        # No draws from g: the default benchmark stays bit-identical to earlier versions.
+        images = normalize(render(scenes, tdef.domain, g, image_size))
+        return TensorTaskDataset(images.contiguous(), labels)
+    own = TASK_NAMES.index(tdef.name)
+    mixed = torch.rand(len(labels), generator=g) < domain_mix
+    domain_of = torch.where(mixed, torch.randint(len(TASKS), (len(labels),), generator=g), own)
+    images = torch.empty(len(labels), 3, image_size, image_size)
+    for d in domain_of.unique().tolist():
+        idx = (domain_of == d).nonzero().squeeze(1)
+        images[idx] = normalize(render(scenes.select(idx), TASKS[d].domain, g, image_size))
     return TensorTaskDataset(images.contiguous(), labels)
 
 
@@ -587,8 +605,8 @@ def build_synthetic(options: dict, image_size: int, seed: int, **_disk: object) 
         g_train = torch.Generator().manual_seed(hash_seed(seed + opts.data_seed, ti, 0))
         g_test = torch.Generator().manual_seed(hash_seed(seed + opts.data_seed, ti, 1))
         with single_thread():
-            train = _split(tdef, opts.n_train_per_class, g_train, size)
-            test = _split(tdef, opts.n_test_per_class, g_test, size)
+            train = _split(tdef, opts.n_train_per_class, g_train, size, opts.domain_mix)
+            test = _split(tdef, opts.n_test_per_class, g_test, size, opts.domain_mix)
         tasks.append(
             Task(
                 name=tdef.name,
@@ -599,6 +617,7 @@ def build_synthetic(options: dict, image_size: int, seed: int, **_disk: object) 
                 info={
                     "factor": tdef.factor,
                     "domain": tdef.domain.description,
+                    "domain_mix": opts.domain_mix,
                     "n_train": len(train),
                     "n_test": len(test),
                     "image_size": size,
