@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmcl.data import benchmark_task_names, build_benchmark, clear_cache
+from mmcl.data import benchmark_task_names, build_benchmark, check_benchmark_data, clear_cache
 from mmcl.data.ave import DecodeOptions, decode_audio, decode_video
 from mmcl.spec import BenchmarkSpec, SpecError, parse_study
 
@@ -148,6 +148,14 @@ def test_missing_file_names_the_clip_and_modality(ave_root, tmp_path):
             (broken / "AVE" / p.name).symlink_to(p)
     with pytest.raises(SpecError, match=r"ave clip 'goat1': the video file .*goat1\.mp4 does not exist"):
         build_benchmark(BenchmarkSpec(name="ave", root=str(broken), options={**OPTS, "store_dir": str(tmp_path / "s")}))
+    # `mmcl validate --check-data` (and the start of `mmcl run`) finds it too, decoding nothing.
+    spec = BenchmarkSpec(name="ave", root=str(broken), options={**OPTS, "store_dir": str(tmp_path / "s2")})
+    with pytest.raises(SpecError, match=r"ave clip 'goat1': the video file .*goat1\.mp4 does not exist.*fix"):
+        check_benchmark_data(spec)
+    assert not (tmp_path / "s2").exists()
+    check_benchmark_data(BenchmarkSpec(name="ave", root=str(ave_root), options=OPTS))  # complete: passes
+    with pytest.raises(SpecError, match=r"Annotations\.txt does not exist"):
+        check_benchmark_data(BenchmarkSpec(name="ave", root=str(tmp_path / "nowhere"), options=OPTS))
 
 
 def test_manifest_dil_and_errors(ave_root, tmp_path):
@@ -171,6 +179,10 @@ def test_manifest_dil_and_errors(ave_root, tmp_path):
     assert bench.tasks[0].info["class_ids"] == [0, 1, 2, 3]
     with pytest.raises(SpecError, match=r"options.classes"):
         benchmark_task_names(BenchmarkSpec(name="paired_manifest", options={"protocol": "cil"}))
+    check_benchmark_data(spec)
+    pd.DataFrame([{**rows[0], "video": str(tmp_path / "gone.mp4")}, *rows[1:]]).to_parquet(tmp_path / "gone.parquet")
+    with pytest.raises(SpecError, match=r"paired_manifest clip .*the video file .*gone\.mp4 does not exist"):
+        check_benchmark_data(BenchmarkSpec(name="paired_manifest", root=str(tmp_path), options={**opts, "manifest": "gone.parquet"}))
     pd.DataFrame(rows).drop(columns=["audio"]).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(SpecError, match=r"needs columns split, label, video, audio"):
         build_benchmark(BenchmarkSpec(name="paired_manifest", root=str(tmp_path), options={**opts, "manifest": "bad.csv"}))

@@ -46,7 +46,8 @@ class _Entry:
     options_model: type[BaseModel] | None = None
     # Benchmarks read from disk: check_data(options, root, task_names) raises a SpecError
     # naming each missing dataset, its expected path and the fix, without decoding images.
-    # Such builders also get root=, preprocess= and tasks= (the names the run needs).
+    # Such builders also get root=, preprocess= and tasks= (the names the run needs), unless
+    # they take_preprocess (paired: root= and preprocess= only).
     check_data: Callable[[dict[str, Any], str | None, list[str]], None] | None = None
     # Paired-modality benchmarks: the builder takes the backbone's ``preprocess`` (raw
     # clips converted to the encoders' input format) and ``root``.
@@ -92,9 +93,10 @@ def _ensure_builtin() -> None:
         paired_synthetic.PairedSyntheticOptions,
         takes_preprocess=True,
     )
-    register_benchmark("ave", ave.build_ave, ave.task_names, ave.AVEOptions, takes_preprocess=True)
+    register_benchmark("ave", ave.build_ave, ave.task_names, ave.AVEOptions, ave.check_ave_data, takes_preprocess=True)
     register_benchmark(
-        "paired_manifest", ave.build_manifest, ave.manifest_task_names, ave.ManifestOptions, takes_preprocess=True
+        "paired_manifest", ave.build_manifest, ave.manifest_task_names, ave.ManifestOptions, ave.check_manifest_data,
+        takes_preprocess=True,
     )
 
     # mtil imports only pydantic and its class-name tables at module level; torchvision,
@@ -248,16 +250,17 @@ def build_benchmark(spec: BenchmarkSpec, image_size: int | None = None, preproce
     size = int(image_size or opt_size or DEFAULT_IMAGE_SIZE)
     extra: dict[str, Any] = {}
     key: tuple = (spec.name, json.dumps(spec.options, sort_keys=True, default=str), size)
-    if entry.reads_files:
+    if entry.takes_preprocess:
+        # Paired benchmarks (files on disk or generated) convert raw clips with
+        # ``preprocess``; its settings key the cache. They build every task of their listing.
+        extra = {"preprocess": preprocess, "root": spec.root}
+        key = (*key, spec.root, getattr(preprocess, "cache_key", None))
+    elif entry.reads_files:
         needed = _needed_tasks(spec, entry.task_names(spec.options))
         extra = {"root": spec.root, "preprocess": preprocess, "tasks": needed}
         # A transform's repr lists its steps and sizes: two backbones with the same
         # preprocessing share the built benchmark.
         key = (*key, spec.root, repr(preprocess), tuple(needed))
-    elif entry.takes_preprocess:
-        # Paired benchmarks convert raw clips with ``preprocess``; its settings key the cache.
-        extra = {"preprocess": preprocess, "root": spec.root}
-        key = (*key, spec.root, getattr(preprocess, "cache_key", None))
     bench = _CACHE.get(key)
     if bench is None:
         bench = entry.builder(dict(spec.options), size, 0, **extra)

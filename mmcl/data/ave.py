@@ -284,7 +284,10 @@ def _check_files(clips: list[Clip], dataset: str) -> None:
     if missing:
         c, m, p = missing[0]
         more = f" (and {len(missing) - 1} more missing files)" if len(missing) > 1 else ""
-        raise SpecError(f"{dataset} clip {c.key!r}: the {m} file {p} does not exist{more}")
+        raise SpecError(
+            f"{dataset} clip {c.key!r}: the {m} file {p} does not exist{more}; fix: point run.benchmark.root at the "
+            f"complete dataset (or correct the listing that names the file)"
+        )
 
 
 def _sample_rate_of(preprocess, kinds: dict[str, str], opts: DecodeOptions) -> int:
@@ -314,8 +317,9 @@ def _read_ave_list(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def build_ave(options: dict, image_size: int, seed: int, preprocess=None, root=None) -> Benchmark:
-    opts = AVEOptions.model_validate(options)
+def _ave_clips(opts: "AVEOptions", root) -> tuple[Path, list[str], list[Clip], list[Clip], list[str]]:
+    """AVE's listing, read from its text files only: (dataset dir, class names in order,
+    train clips, test clips, domains). Nothing is decoded."""
     if root is None:
         raise SpecError("run.benchmark.root: set it to the AVE_Dataset directory")
     base = Path(root).expanduser()
@@ -327,12 +331,7 @@ def build_ave(options: dict, image_size: int, seed: int, preprocess=None, root=N
         raise SpecError(
             f"run.benchmark.options.num_classes: {opts.num_classes} but {base / 'Annotations.txt'} has {len(names)} categories"
         )
-    if opts.class_order:
-        names_order = list(opts.class_order)
-    else:
-        names_order = names
-    kinds = _kinds(preprocess, {"video": "video", "audio": "audio"}, "ave")
-    sr = _sample_rate_of(preprocess, kinds, opts)
+    names_order = list(opts.class_order) if opts.class_order else names
 
     def clips_of(files: list[str]) -> list[Clip]:
         out = []
@@ -349,10 +348,27 @@ def build_ave(options: dict, image_size: int, seed: int, preprocess=None, root=N
     unknown = sorted({c.label for c in train + test} - set(names))
     if unknown:
         raise SpecError(f"AVE split files name categories missing from Annotations.txt: {unknown}")
+    return base, names_order, train, test, domains
+
+
+def check_ave_data(options: dict, root, task_names: list[str]) -> None:
+    """``mmcl validate --check-data`` / the start of ``mmcl run``: the AVE lists are read
+    and every clip's video file must exist (nothing is decoded)."""
+    _, _, train, test, _ = _ave_clips(AVEOptions.model_validate(options), root)
+    _check_files(train + test, "ave")
+
+
+def build_ave(options: dict, image_size: int, seed: int, preprocess=None, root=None) -> Benchmark:
+    opts = AVEOptions.model_validate(options)
+    base, names_order, train, test, domains = _ave_clips(opts, root)
+    kinds = _kinds(preprocess, {"video": "video", "audio": "audio"}, "ave")
+    sr = _sample_rate_of(preprocess, kinds, opts)
     return _build(train, test, names_order, domains, opts, kinds, sr, base, preprocess, "ave", random_domains=True)
 
 
-def build_manifest(options: dict, image_size: int, seed: int, preprocess=None, root=None) -> Benchmark:
+def _manifest_clips(options: dict, root) -> tuple[Path, list[str], list[Clip], list[Clip], list[str]]:
+    """The manifest's listing: (manifest path, classes, train clips, test clips, domains).
+    Nothing is decoded."""
     import pandas as pd
 
     opts = ManifestOptions.model_validate(options)
@@ -385,8 +401,6 @@ def build_manifest(options: dict, image_size: int, seed: int, preprocess=None, r
         domains = list(opts.domains or [])
     else:
         domains = ["clean"]
-    kinds = _kinds(preprocess, {"video": "video", "audio": "audio"}, "paired_manifest")
-    sr = _sample_rate_of(preprocess, kinds, opts)
 
     def clips(split: list[str]) -> list[Clip]:
         out = []
@@ -401,7 +415,22 @@ def build_manifest(options: dict, image_size: int, seed: int, preprocess=None, r
             out.append(Clip(f"row{i}-{Path(str(row[modalities[0]])).stem}", paths, str(row["label"]), dom))
         return out
 
-    return _build(clips(["train"]), clips(["test"]), classes, domains, opts, kinds, sr, path.parent, preprocess,
+    return path, classes, clips(["train"]), clips(["test"]), domains
+
+
+def check_manifest_data(options: dict, root, task_names: list[str]) -> None:
+    """``--check-data`` for ``paired_manifest``: the manifest is read and every listed
+    file must exist (nothing is decoded)."""
+    _, _, train, test, _ = _manifest_clips(options, root)
+    _check_files(train + test, "paired_manifest")
+
+
+def build_manifest(options: dict, image_size: int, seed: int, preprocess=None, root=None) -> Benchmark:
+    opts = ManifestOptions.model_validate(options)
+    path, classes, train, test, domains = _manifest_clips(options, root)
+    kinds = _kinds(preprocess, {"video": "video", "audio": "audio"}, "paired_manifest")
+    sr = _sample_rate_of(preprocess, kinds, opts)
+    return _build(train, test, classes, domains, opts, kinds, sr, path.parent, preprocess,
                   "paired_manifest", random_domains=False)
 
 
@@ -424,4 +453,4 @@ def _build(train, test, class_names, domains, opts, kinds, sr, root, preprocess,
     return Benchmark(dataset, tasks)
 
 
-__all__ = ["build_ave", "build_manifest", "decode_audio", "decode_video"]
+__all__ = ["build_ave", "build_manifest", "check_ave_data", "check_manifest_data", "decode_audio", "decode_video"]
