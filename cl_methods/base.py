@@ -74,7 +74,6 @@ class MethodContext:
         return make_loader(data, batch_size, self.data_workers, self.device, shuffle=shuffle, **kwargs)
 
 
-
 class Method:
     """Base class. Subclasses set ``name``, ``Config`` and (optionally) ``ablations``."""
 
