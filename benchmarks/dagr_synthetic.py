@@ -13,10 +13,12 @@ Runs, through the real engine (``run_continual``, one thread), on that benchmark
 
 - ``diki`` and ``dagr`` (plus ``--variants``, e.g. ``no_graph`` = DIKI with the next
   prompt started from the previous one) with the run block of
-  ``studies/dagr_quickstart.yaml``, longer prompts and more epochs (``--prompt-length``,
-  ``--epochs``: at the quickstart's 1 epoch the tiny model's prompts barely move off the
-  frozen model, so there is little to forget either way);
-- ``finetune`` with the run block of ``studies/quickstart.yaml`` (its own optimiser).
+  ``studies/dagr_quickstart.yaml`` (``domain_mix: 0.5``, 16-token prompts, 15 epochs a
+  task; ``--mix``, ``--prompt-length``, ``--epochs`` override them: at 1 epoch a task
+  the tiny model's prompts barely move off the frozen model, so there is little to
+  forget either way);
+- ``finetune`` with the run block of ``studies/quickstart.yaml`` (its own optimiser) on
+  the same benchmark.
 
 Prints per method the mean over seeds of Avg / Last / BWT / forgetting and each seed's
 BWT and wall time. The README's DAGR figures come from here.
@@ -34,9 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--mix", type=float, default=0.5, help="run.benchmark.options.domain_mix")
-    ap.add_argument("--prompt-length", type=int, default=16)
-    ap.add_argument("--epochs", type=float, default=15)
+    ap.add_argument("--mix", type=float, default=None, help="run.benchmark.options.domain_mix (default: the study's)")
+    ap.add_argument("--prompt-length", type=int, default=None, help="default: the study's")
+    ap.add_argument("--epochs", type=float, default=None, help="default: the study's")
     ap.add_argument("--variants", nargs="*", default=["no_graph"], help="DAGR ablation variants besides full")
     ap.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning baseline")
     args = ap.parse_args()
@@ -49,11 +51,17 @@ def main() -> None:
     from mmcl.spec import apply_overrides, load_study
 
     torch.set_num_threads(1)
-    common = {"torch_threads": 1, "benchmark.options": {"domain_mix": args.mix}}
-    dagr = apply_overrides(
-        load_study(REPO / "studies" / "dagr_quickstart.yaml").run,
-        {**common, "training.epochs": args.epochs, "method.prompt_length": args.prompt_length},
-    )
+    dagr = load_study(REPO / "studies" / "dagr_quickstart.yaml").run
+    options = dict(dagr.benchmark.options)
+    if args.mix is not None:
+        options["domain_mix"] = args.mix
+    common = {"torch_threads": 1, "benchmark.options": options}
+    overrides = {**common}
+    if args.epochs is not None:
+        overrides["training.epochs"] = args.epochs
+    if args.prompt_length is not None:
+        overrides["method.prompt_length"] = args.prompt_length
+    dagr = apply_overrides(dagr, overrides)
     # DIKI with DIKI's own fields of the same config (DAGR's extra knobs dropped).
     diki_fields = set(get_method_class("diki").Config.model_fields)
     diki_cfg = {k: v for k, v in dagr.method.config.items() if k in diki_fields and k != "init_from_previous"}
@@ -66,7 +74,8 @@ def main() -> None:
         cases.append(("finetune", apply_overrides(ft, {"method.name": "finetune", "method.config": {}})))
 
     keys = ("avg", "last", "bwt", "forgetting")
-    print(f"synthetic, domain_mix {args.mix}; DIKI / DAGR: prompt_length {args.prompt_length}, {args.epochs:g} epochs a task")
+    print(f"synthetic, domain_mix {options.get('domain_mix', 0.0)}; DIKI / DAGR: prompt_length "
+          f"{dagr.method.config['prompt_length']}, {dagr.training.epochs:g} epochs a task")
     print(f"{'method':<16}" + "".join(f"{k:>8}" for k in ("Avg", "Last", "BWT", "Forget")) + "   BWT per seed   s/run")
     for name, run in cases:
         per_seed = []
