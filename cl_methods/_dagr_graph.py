@@ -629,7 +629,7 @@ class GraphAccumulator:
                 if cfg.path_similarity == "centroids":
                     nodes = self.centroids
                 else:  # rounded like the stored prototypes, so stored and current agree exactly
-                    nodes = (self.proto_sums / self.mass.clamp_min(EPS)[..., None]).to(cfg.dtype).float()
+                    nodes = protos.to(cfg.dtype).float()
                 nodes = nodes.to(flow.device)
                 upper, lower = nodes[1:], nodes[:-1]
                 if store:
