@@ -1,7 +1,14 @@
 """``mmcl``: run | resume | validate | plan | report.
 
-Every user error (a bad study file, a missing dataset, an unfinished stage) is printed as
-one clear message with exit status 2 (3 for an interrupted study); no traceback.
+Exit status (``ray job submit`` reports a job FAILED for any but 0):
+
+- 0: every stage ran to its end and no trial errored (beyond ``failure.max_errored_fraction``);
+- 1: the study ran to its end and wrote its results, but trials errored beyond
+  ``failure.max_errored_fraction`` (default 0: any errored trial), or a stage had every
+  trial errored; the summary names each errored trial and its error;
+- 2: a problem the user can fix (a bad study file, missing data or weights, an
+  unreachable cluster, unwritable storage, a missing package): one message, no traceback;
+- 3: interrupted (SIGINT / SIGTERM, or a stage cut off); ``mmcl resume DIR`` continues.
 """
 
 from __future__ import annotations
@@ -11,9 +18,10 @@ import logging
 import sys
 from pathlib import Path
 
+from mmcl.interrupt import EXIT_INTERRUPTED
 from mmcl.spec import SpecError, StudySpec, load_study, parse_study
 
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 3
+EXIT_OK, EXIT_TRIALS_ERRORED, EXIT_USAGE = 0, 1, 2
 
 
 def _load(path: str, smoke: bool) -> StudySpec:
@@ -25,7 +33,8 @@ def _load(path: str, smoke: bool) -> StudySpec:
     return resolve_paths(study, Path.cwd())
 
 
-def _print_summary(out: Path) -> None:
+def _print_summary(out: Path, study: StudySpec) -> int:
+    """Print the stage table and the errored trials; return the exit status."""
     import analysis
     from analysis.report import write_report
     from analysis.tables import summary_table
@@ -34,6 +43,36 @@ def _print_summary(out: Path) -> None:
     table = summary_table(res)
     print("\n" + table.to_string(index=False) if len(table) else "(no trials)")
     print(f"\nresults: {out}\nreport:  {write_report(out)}")
+    code, lines = errored_verdict(res.trials, study.failure.max_errored_fraction)
+    if lines:
+        print("\n" + "\n".join(lines), file=sys.stderr)
+    return code
+
+
+def errored_verdict(trials, max_fraction: float) -> tuple[int, list[str]]:
+    """(exit status, lines naming every errored trial) for a finished study's trials."""
+    if trials is None or not len(trials):
+        return EXIT_OK, []
+    err = trials[trials["status"] == "error"]
+    if not len(err):
+        return EXIT_OK, []
+    lines = [f"{len(err)} of {len(trials)} trial(s) errored:"]
+    for _, t in err.iterrows():
+        first = (str(t["error"] or "").strip().splitlines() or ["(no message)"])[0]
+        lines.append(f"  {t['stage']}/{t['trial_id']} ({t['variant']}, seed {t['seed']}): {first[:300]}")
+    all_failed = [st for st, g in trials.groupby("stage", sort=False) if (g["status"] == "error").all()]
+    fraction = len(err) / len(trials)
+    if all_failed:
+        lines.append(f"every trial of stage(s) {', '.join(all_failed)} errored: exit status 1")
+        return EXIT_TRIALS_ERRORED, lines
+    if fraction > max_fraction:
+        lines.append(
+            f"{fraction:.0%} of the trials errored, above failure.max_errored_fraction "
+            f"({max_fraction:g}): exit status 1"
+        )
+        return EXIT_TRIALS_ERRORED, lines
+    lines.append(f"within failure.max_errored_fraction ({max_fraction:g}): exit status 0")
+    return EXIT_OK, lines
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -47,8 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"or pass another --output"
         )
     run_study(study, out)
-    _print_summary(out)
-    return 0
+    return _print_summary(out, study)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -62,8 +100,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise SpecError(f"{out}: not a study output directory (no study.yaml); start it with `mmcl run`")
     study = parse_study(yaml.safe_load(spec_file.read_text()), str(spec_file))
     run_study(study, out, resume=True)
-    _print_summary(out)
-    return 0
+    return _print_summary(out, study)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -131,12 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from mmcl import interrupt
     from mmcl.study import StageInterrupted
 
+    if args.command in ("run", "resume"):
+        interrupt.install()
     try:
         return args.fn(args)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as e:
+        # A package this command needs is not in the environment (e.g. a partial install);
+        # one of the project's own modules missing is a bug, with its traceback.
+        if (e.name or "").split(".")[0] in ("mmcl", "cl_methods", "search_spaces", "analysis"):
+            raise
+        print(f"error: the Python package {e.name!r} is not installed in this environment, and `mmcl "
+              f"{args.command}` needs it; fix: `uv sync` in the project (or `pip install {e.name}`)",
+              file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
     except StageInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)

@@ -289,18 +289,24 @@ def run_continual(
     sizes: dict[str, int] = {}
     opt_state = None
     start = 0
+    trainable = 0
     if resume is not None:
         if resume.get("version") != STATE_VERSION or resume.get("task_names") != names:
             raise ValueError("resume state does not belong to this run (task order or version differ)")
+        start = int(resume["completed"])
+        rows = [list(r) for r in resume["matrix"]]
+        # The state of row s holds rows 0..s: a state that disagrees would add rows twice.
+        if not 0 <= start <= len(names) or len(rows) != start + 1:
+            raise ValueError(
+                f"resume state is inconsistent: {start} task(s) completed of {len(names)} but {len(rows)} matrix row(s)"
+            )
         method.load_state_dict(resume["method"])
         method.modules.to(device)
-        rows = [list(r) for r in resume["matrix"]]
         sizes = dict(resume["n_samples"])
         opt_state = resume.get("optimizer")
-        start = resume["completed"]
+        trainable = int(resume.get("trainable_params", 0))
 
     all_curves: list[dict[str, Any]] = []
-    trainable = 0
     optimizer = None
 
     def emit(step: int, t0: float, curves: list[dict]) -> None:
@@ -315,6 +321,7 @@ def run_continual(
             "method": method.state_dict(),
             "optimizer": optimizer.state_dict() if (optimizer is not None and not run.training.reset_optimizer) else None,
             "rng": {"torch": torch.get_rng_state(), "method": method_gen.get_state()},
+            "trainable_params": trainable,
         })
         if on_task_end is None:
             return
@@ -339,13 +346,19 @@ def run_continual(
         )
 
     metric_names: dict[str, str] = {}
-    if start == 0:
+    if resume is None:
         t0 = time.perf_counter()
         scores, metric_names, sizes = evaluate(method, tasks, run, device, amp_dtype)
         rows.append([scores[n] for n in names])
         emit(0, t0, [])
     else:
+        # Row ``start`` is in the state already: it is never evaluated (or appended) again.
         metric_names = {t.name: t.metric for t in tasks}
+        if start == len(tasks):
+            # Every task was trained before the interruption: report the final row again
+            # (the caller's writes are idempotent) so the caller ends with the run's
+            # result, and train nothing.
+            emit(start, time.perf_counter(), [])
 
     for t in range(start, len(tasks)):
         t0 = time.perf_counter()
@@ -368,6 +381,8 @@ def run_continual(
         all_curves.extend(curves)
         emit(t + 1, t0, curves)
 
+    # The engine never trains past the last task: one row per task, plus row 0.
+    assert len(rows) == len(tasks) + 1, f"{len(rows)} matrix rows for {len(tasks)} tasks"
     mat = np.asarray(rows, dtype=float)
     return ContinualResult(
         task_names=names,

@@ -311,6 +311,11 @@ class ResourcesSpec(Strict):
 class FailureSpec(Strict):
     # How often Ray retries a trial whose process died; it resumes from its last task.
     max_failures: int = Field(default=2, ge=-1)
+    # Share of a study's trials that may end errored (a NaN loss, retries used up) before
+    # `mmcl run` / `resume` exit with status 1; 0 = any errored trial does. The study runs
+    # to its end and writes its results either way. A stage whose every trial errored
+    # always gives status 1.
+    max_errored_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class StudySpec(Strict):

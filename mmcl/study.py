@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any, Literal
@@ -418,7 +419,7 @@ def check_study_data(study: StudySpec) -> None:
     for spec, names in study_data_needs(study):
         check_benchmark_data(spec, names)
     b = study.run.backbone
-    if b.generative and not (b.path or "").startswith("mmcl:"):
+    if b.kind in ("blip2", "llava") and not (b.path or "").startswith("mmcl:"):
         # A BLIP-2 / LLaVA directory (or cached hub id) is data too: missing weights fail
         # here, not inside the first trial. (mmcl:tiny is built by preflight.)
         from mmcl.backbones.vlm import resolve_model_dir
@@ -463,9 +464,21 @@ def run_study(study: StudySpec, out: Path, resume: bool = False) -> Path:
     # minutes-long pretraining exists.
     check_study_data(study)
     from mmcl import results
-    from mmcl.tune import run_stage
+    from mmcl.tune import ensure_ray, run_stage
 
-    out.mkdir(parents=True, exist_ok=True)
+    # Then the cluster: an unreachable one stops here too, before anything is written.
+    ensure_ray()
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SpecError(
+            f"storage: cannot write the results directory {out} ({e.strerror or e}); fix: set `storage:` in the "
+            "study (or --output) to a directory this machine can write"
+        ) from None
     if not resume:
         import yaml
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +30,9 @@ import torch
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
+from mmcl import interrupt
 from mmcl.results import METHOD_STAT_PREFIX, METRIC_COLUMNS, TrialWriter, git_sha, method_stat_columns
+from mmcl.spec import SpecError
 from mmcl.study import StageInterrupted, StagePlan, _task_names
 
 log = logging.getLogger(__name__)
@@ -104,19 +107,30 @@ def optuna_study_name(plan: StagePlan) -> str:
 # --------------------------------------------------------------------------- trial
 
 
-def _fault_injection(stage: str, trial_id: str, step: int) -> None:
-    """Test hook: ``MMCL_FAULT_INJECT=die:<stage>:<step>:<marker dir>`` kills each trial
-    of <stage> once, right after it wrote the parts of <step> and before it reported
-    them, the worst moment for duplicates (the retry recomputes and rewrites <step>)."""
+def _fault_injection(moment: str, stage: str, trial_id: str, step: int) -> None:
+    """Test hook, ``MMCL_FAULT_INJECT=<kind>:<stage>:<step>:<marker dir>``, acting once per
+    trial of <stage> at <step> (a marker file per trial remembers it):
+
+    - ``die``: exit right after writing the parts of <step>, before reporting them, the
+      worst moment for duplicates (the retry recomputes and rewrites <step>);
+    - ``hang``: after <step> was reported with its checkpoint, write the marker and wait
+      (at most 10 minutes), so a test can interrupt the driver while the trial holds a
+      checkpoint that Tune has not yet seen the end of (after the last task: a finished
+      run that is not yet TERMINATED).
+    """
     spec = os.environ.get("MMCL_FAULT_INJECT", "")
-    if not spec.startswith("die:"):
+    kind, _, rest = spec.partition(":")
+    if (kind, moment) not in (("die", "before_report"), ("hang", "after_report")):
         return
-    _, f_stage, f_step, marker_dir = spec.split(":", 3)
+    f_stage, f_step, marker_dir = rest.split(":", 2)
     marker = Path(marker_dir) / f"{stage}-{trial_id}"
-    if f_stage == stage and int(f_step) == step and not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
+    if f_stage != stage or int(f_step) != step or marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    if kind == "die":
         os._exit(17)
+    time.sleep(600)
 
 
 def _trial(config: dict[str, Any], plan_json: str) -> None:
@@ -140,7 +154,7 @@ def _trial(config: dict[str, Any], plan_json: str) -> None:
 
     def report(end) -> None:
         writer.write_step(end)
-        _fault_injection(plan.stage, trial_id, end.step)
+        _fault_injection("before_report", plan.stage, trial_id, end.step)
         value = end.metrics.get(plan.metric, math.nan) if end.step else math.nan
         metrics = {
             **{k: float(end.metrics.get(k, math.nan)) for k in METRIC_COLUMNS},
@@ -162,6 +176,7 @@ def _trial(config: dict[str, Any], plan_json: str) -> None:
         with tempfile.TemporaryDirectory() as d:
             torch.save({"engine": end.state, "elapsed_s": metrics["run_time_s"]}, Path(d) / "state.pt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        _fault_injection("after_report", plan.stage, trial_id, end.step)
 
     try:
         run_continual(run, on_task_end=report, resume=resume)
@@ -174,20 +189,89 @@ def _trial(config: dict[str, Any], plan_json: str) -> None:
 # --------------------------------------------------------------------------- stages
 
 
+# Bounds on reaching a Ray cluster: nothing in `mmcl` waits on a cluster that is not there.
+CONNECT_TIMEOUT_S = 20.0  # TCP probe of $RAY_ADDRESS (retried: a head may be starting)
+INIT_TIMEOUT_S = 120.0  # ray.init itself (a local start on a loaded machine takes ~10 s)
+
+
+def _cluster_address() -> tuple[str, str] | None:
+    """(host:port to probe, where it came from) for $RAY_ADDRESS, or None when unset."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if not address:
+        return None
+    source = f"RAY_ADDRESS={address}"
+    if address == "auto":
+        try:
+            resolved = canonicalize_bootstrap_address("auto")
+        except ConnectionError as e:
+            raise SpecError(f"{source}: no running Ray cluster was found on this machine ({e}); fix: start one "
+                            "(`ray start --head`), give its address, or unset RAY_ADDRESS so mmcl starts its own") from None
+        source += " (the cluster recorded in the Ray temp directory)"
+        address = resolved or address
+    hostport = address.split("://", 1)[-1].split("/", 1)[0]
+    return hostport, source
+
+
+def _probe(hostport: str, source: str) -> None:
+    """Fail within CONNECT_TIMEOUT_S, with the address and the fix, if nothing listens."""
+    import socket
+
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise SpecError(f"{source}: not a Ray address (expected host:port, e.g. 127.0.0.1:6379)")
+    deadline, err = time.monotonic() + CONNECT_TIMEOUT_S, None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, CONNECT_TIMEOUT_S)):
+                return
+        except OSError as e:
+            err = e
+            time.sleep(1.0)
+    raise SpecError(
+        f"cannot reach the Ray cluster at {hostport} ({source}) within {CONNECT_TIMEOUT_S:.0f} s: {err}; fix: start "
+        "the cluster (`ray start --head`), correct RAY_ADDRESS, or unset it so mmcl starts a local Ray"
+    )
+
+
 def ensure_ray() -> None:
     """Connect to the cluster in $RAY_ADDRESS (``ray job submit`` sets it) or start a
-    local one. ``MMCL_*`` variables travel to the workers (the test fault hook)."""
+    local one. Without $RAY_ADDRESS a new local Ray is started (``address="local"``):
+    Ray's default would attach to the cluster recorded in ``/tmp/ray/ray_current_cluster``,
+    and retry for ever when that head is dead. ``MMCL_*`` variables travel to the
+    workers (the test fault hook)."""
+    import threading
+
     if ray.is_initialized():
         return
     env = {k: v for k, v in os.environ.items() if k.startswith("MMCL_")}
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    kwargs: dict[str, Any] = {"log_to_driver": True}
     if env:
         kwargs["runtime_env"] = {"env_vars": env}
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})
+    target = _cluster_address()
+    if target is None:
+        kwargs.update(address="local", include_dashboard=False)
+        what = "starting a local Ray"
     else:
+        _probe(*target)
+        kwargs["address"] = os.environ["RAY_ADDRESS"].strip()
+        what = f"connecting to the Ray cluster at {target[0]} ({target[1]})"
+
+    # The probe bounds the usual failure; this bounds the rest (a head that accepts TCP
+    # but never answers): ray.init cannot be interrupted from Python while it waits.
+    def give_up() -> None:
+        print(f"error: {what} did not finish within {INIT_TIMEOUT_S:.0f} s; check the cluster "
+              "(`ray status`) or unset RAY_ADDRESS", file=sys.stderr, flush=True)  # fmt: skip
+        os._exit(2)
+
+    watchdog = threading.Timer(INIT_TIMEOUT_S, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
         ray.init(**kwargs)
+    finally:
+        watchdog.cancel()
 
 
 def _build_tuner(plan: StagePlan, restore: bool) -> tune.Tuner:
@@ -257,7 +341,11 @@ def _sampler(plan: StagePlan):
 def run_stage(plan: StagePlan, restore: bool = False) -> list[dict[str, Any]]:
     """Run one stage on Ray; return one trials-table row per trial."""
     ensure_ray()
-    grid = _build_tuner(plan, restore).fit()
+    with interrupt.tune_run():
+        grid = _build_tuner(plan, restore).fit()
+    if interrupt.interrupted():
+        # Tune marks the trials it cut off TERMINATED: only the signal tells.
+        raise StageInterrupted(f"stage {plan.stage} was stopped by a signal; continue with: mmcl resume {plan.out_dir}")
     return _trial_rows(plan, grid)
 
 

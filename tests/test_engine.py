@@ -40,11 +40,32 @@ def test_resume_from_any_task_is_exact(method, config):
     run = tiny_run(method, config, num_tasks=3, steps=4, reset_optimizer=False)
     states = {}
     full = run_continual(run, on_task_end=lambda e: states.__setitem__(e.step, e.state))
-    for k in (1, 2):
+    for k in (0, 1, 2):
         resumed_rows = []
         resumed = run_continual(run, on_task_end=lambda e: resumed_rows.append(e.step), resume=states[k])
         assert resumed_rows == list(range(k + 1, 4))
         np.testing.assert_array_equal(resumed.matrix, full.matrix)
+        assert resumed.trainable_params == full.trainable_params
+
+
+def test_resume_of_a_finished_run_reports_its_result_and_trains_nothing():
+    run = tiny_run("finetune", num_tasks=2, steps=4)
+    states, ends = {}, []
+    full = run_continual(run, on_task_end=lambda e: states.__setitem__(e.step, e.state))
+    resumed = run_continual(run, on_task_end=ends.append, resume=states[2])
+    assert [e.step for e in ends] == [2] and ends[0].done and ends[0].curves == []
+    assert ends[0].metrics == full.metrics and ends[0].trainable_params == full.trainable_params
+    np.testing.assert_array_equal(resumed.matrix, full.matrix)
+    assert resumed.curves == []  # no optimisation step was taken
+
+
+def test_inconsistent_resume_state_is_rejected():
+    states = {}
+    run = tiny_run("finetune", num_tasks=2)
+    run_continual(run, on_task_end=lambda e: states.__setitem__(e.step, e.state))
+    bad = {**states[1], "matrix": states[2]["matrix"]}  # 3 rows for 1 completed task
+    with pytest.raises(ValueError, match="inconsistent"):
+        run_continual(run, resume=bad)
 
 
 def test_resume_state_of_another_run_is_rejected():

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from .conftest import mmcl_cmd, wait_for
 from .helpers import tiny_study
@@ -104,3 +105,33 @@ def test_interrupted_driver_then_resume_finishes_without_rerun_or_duplicates(ray
     ot = optuna.load_study(study_name="tiny.second", storage=storage).trials
     assert len(ot) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in ot)
     assert {t.user_attrs["ray_trial_id"] for t in ot} == set(trials[trials.stage == "second"].trial_id)
+
+
+@pytest.mark.parametrize("step", [0, 3], ids=["after_row_0", "after_last_task"])
+def test_driver_interrupted_right_after_a_checkpoint_then_resume_never_adds_a_row(ray_cluster, tmp_path, step):
+    """The worst moments for a resume: a trial has reported and checkpointed row 0 (the
+    untrained model), or its last task, and the driver stops before Tune sees the trial
+    end. The restored trial continues from that checkpoint: row ``step`` is not evaluated
+    again, and a finished run reports its result and trains nothing."""
+    study = tiny_study(tmp_path / "s.yaml", [{"name": "abl", "kind": "ablation", "variants": ["full"], "seeds": [0, 1]}])
+    out, markers = tmp_path / "out", tmp_path / "markers"
+    env = {**os.environ, "MMCL_FAULT_INJECT": f"hang:abl:{step}:{markers}"}
+    proc = subprocess.Popen(mmcl_cmd("run", str(study), "--output", str(out)), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        # Both trials reported `step` (with its checkpoint) and now hang inside the trial.
+        assert wait_for(lambda: markers.is_dir() and len(list(markers.iterdir())) == 2, timeout=400), "no trial hung"
+        proc.send_signal(signal.SIGINT)
+        log, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, log[-3000:]  # interrupted
+
+    r = subprocess.run(mmcl_cmd("resume", str(out)), env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = _assert_complete_and_unique(out, n_trials=2, n_tasks=3)
+    assert (trials.resumed_from_task == step).all(), trials[["trial_id", "resumed_from_task"]]
+    # A finished run rewrote its last row with the same values; nothing past it exists.
+    acc = pd.read_parquet(out / "accuracy.parquet")
+    assert acc.step.max() == 3

@@ -23,8 +23,9 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,10 @@ class PretrainRecipe(BaseModel):
     )  # fmt: skip
     # Share of one-object scenes (size and position exist only for those).
     p_single: float = Field(default=0.5, ge=0, le=1)
+    # Torch intra-op threads, whatever the machine has: float reductions split over a
+    # different number of threads round differently (1 and 2 threads give different
+    # weights, measured), so the thread count is part of the recipe, not of the machine.
+    threads: int = Field(default=2, ge=1)
 
 
 RECIPE = PretrainRecipe()
@@ -102,18 +107,6 @@ def checkpoint_path(spec: BackboneSpec, recipe: PretrainRecipe = RECIPE) -> Path
     return cache_root(spec) / f"{spec.model}-synthetic-{digest}.pt"
 
 
-def pretrain_threads() -> int:
-    """Torch threads for pretraining: $MMCL_PRETRAIN_THREADS, else up to 2.
-
-    More than 2 barely helps a model this small; on a machine shared with running trials
-    set 1 (OpenMP barriers make oversubscribed small ops several times slower).
-    """
-    env = os.environ.get("MMCL_PRETRAIN_THREADS")
-    if env:
-        return max(1, int(env))
-    return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
 def ensure_pretrained(spec: BackboneSpec) -> Path:
     """Path of ``spec.model``'s synthetic-pretrained checkpoint, training it if missing."""
     if spec.pretrained != "synthetic":
@@ -131,18 +124,12 @@ def ensure_pretrained(spec: BackboneSpec) -> Path:
         try:
             if path.is_file():
                 return path
-            threads = pretrain_threads()
             log.warning(
                 "pretraining %s on synthetic captions (%d steps, %d threads; once per machine) -> %s",
-                spec.model, RECIPE.steps, threads, path,
+                spec.model, RECIPE.steps, RECIPE.threads, path,
             )  # fmt: skip
             t0 = time.perf_counter()
-            old_threads = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
-                state = pretrain(spec.model, RECIPE)
-            finally:
-                torch.set_num_threads(old_threads)
+            state = pretrain(spec.model, RECIPE)
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
             try:
                 torch.save({"state_dict": state}, tmp)
@@ -153,6 +140,16 @@ def ensure_pretrained(spec: BackboneSpec) -> Path:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return path
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -179,8 +176,10 @@ def multi_positive_clip_loss(logits: torch.Tensor, matches: torch.Tensor) -> tor
 def pretrain(model_name: str, recipe: PretrainRecipe = RECIPE, log_every: int = 0) -> dict[str, torch.Tensor]:
     """Contrastive (CLIP) training of a randomly initialised model; returns its state dict.
 
-    Runs under its own RNG (the caller's torch seed is left untouched) so the weights
-    depend only on the recipe (and, through float reductions, the thread count).
+    The weights are a function of the recipe alone: every draw comes from generators
+    seeded by ``recipe.seed`` (the global one is forked and seeded, so dropout or any
+    other draw of torch's global generator is too, and the caller's state is untouched),
+    and torch runs on ``recipe.threads`` threads (restored afterwards).
     """
     import open_clip
 
@@ -188,7 +187,7 @@ def pretrain(model_name: str, recipe: PretrainRecipe = RECIPE, log_every: int = 
     from mmcl.data.synthetic import pretraining_pool
 
     register_model_configs()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _threads(recipe.threads):
         torch.manual_seed(recipe.seed)
         model = open_clip.create_model(model_name, pretrained=None)
         tokenizer = open_clip.get_tokenizer(model_name)

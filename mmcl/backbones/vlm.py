@@ -55,6 +55,9 @@ TINY = "mmcl:tiny"
 TINY_PRETRAINED = "mmcl:tiny-pretrained"
 TINY_VERSION = "tiny-v1"
 PRETRAIN_STEPS = 1500
+# Bumped when pretrain_tiny's weights change for the same steps (2: the global generator
+# seeded, so dropout no longer depends on the caller): names the cached directory.
+PRETRAIN_VERSION = 2
 IMAGE_TOKEN = "<image>"
 # open_clip's OPENAI mean / std: the image statistics of BLIP-2's and LLaVA's CLIP-style
 # vision encoders (used when the model directory has no preprocessor_config.json).
@@ -142,19 +145,21 @@ def pretrain_tiny(directory: str | Path, steps: int = PRETRAIN_STEPS, batch_size
     tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     bb = VlmBackbone(model, tok, kind, "{prompt}", (OPENAI_MEAN, OPENAI_STD))
     g = torch.Generator().manual_seed(seed)
-    with syn.single_thread():
-        n = n_images
-        scenes = syn.sample_scenes(g, n, p_single=0.5)
+    # The weights are a function of the recipe alone: train mode draws dropout masks from
+    # torch's *global* generator, so that one is forked and seeded here too (forking alone
+    # would hand it the caller's state, and the model would depend on what the caller drew
+    # before). One thread: float reductions round differently on two, a 64-wide model gains
+    # nothing from more, and on a busy machine OpenMP's barriers make two many times slower.
+    with torch.random.fork_rng(devices=[]), syn.single_thread():
+        torch.manual_seed(seed)
+        scenes = syn.sample_scenes(g, n_images, p_single=0.5)
         images = syn.normalize(syn.render(scenes, syn.BASE_DOMAIN, g, bb.image_size, jitter_domain=True))
-    # One thread: a 64-wide model gains nothing from two, and on a busy machine OpenMP's
-    # barriers make two threads many times slower (see synthetic.single_thread).
-    with syn.single_thread():
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
         losses = []
         for step in range(steps):
-            idx = torch.randint(0, n, (batch_size,), generator=g).tolist()
+            idx = torch.randint(0, n_images, (batch_size,), generator=g).tolist()
             kinds = torch.randint(0, len(TEXT_TASKS), (batch_size,), generator=g).tolist()
             prompts, targets = [], []
             for i, k in zip(idx, kinds):
@@ -183,7 +188,9 @@ def _tiny_dir(spec: BackboneSpec) -> Path:
     pretrained = spec.path == TINY_PRETRAINED
     from mmcl.data.synthetic_text import GENERATOR_VERSION
 
-    name = f"{TINY_VERSION}-{spec.kind}" + (f"-pretrained-{GENERATOR_VERSION}-{PRETRAIN_STEPS}" if pretrained else "")
+    name = f"{TINY_VERSION}-{spec.kind}"
+    if pretrained:
+        name += f"-pretrained-{GENERATOR_VERSION}-{PRETRAIN_STEPS}-r{PRETRAIN_VERSION}"
     final = cache / name
     if (final / "config.json").is_file():
         return final
@@ -193,8 +200,7 @@ def _tiny_dir(spec: BackboneSpec) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{final.name}-"))
     save_tiny(spec.kind, tmp)
     if pretrained:
-        with torch.random.fork_rng(devices=[]):
-            pretrain_tiny(tmp)
+        pretrain_tiny(tmp)
     try:
         tmp.rename(final)
     except OSError:  # another process won the race

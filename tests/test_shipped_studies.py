@@ -1,0 +1,60 @@
+"""Every shipped study, through the CLI as a user runs it (found by globbing `studies/`).
+
+Offline studies (no GPU asked for) run `mmcl run --smoke` to the end with no errored
+trial; GPU / data studies validate and plan here, and `mmcl validate --check-data` answers
+their missing data with one clear message and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mmcl.spec import load_study
+from mmcl.study import plan_stage, smoke
+
+from .conftest import REPO, mmcl_cmd
+
+STUDIES = sorted((REPO / "studies").glob("*.yaml"))
+OFFLINE = [p for p in STUDIES if load_study(p).resources.gpu == 0]
+CLUSTER = [p for p in STUDIES if p not in OFFLINE]
+
+
+def test_the_glob_finds_both_kinds():
+    assert len(OFFLINE) >= 6 and len(CLUSTER) >= 5, (OFFLINE, CLUSTER)
+    # An offline study reads no data from disk: it runs on any laptop and in CI.
+    for p in OFFLINE:
+        assert load_study(p).run.benchmark.root is None, p
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("study", OFFLINE, ids=[p.stem for p in OFFLINE])
+def test_offline_study_runs_in_smoke_mode_without_an_errored_trial(ray_cluster, tmp_path, study: Path):
+    out = tmp_path / "out"
+    r = subprocess.run(mmcl_cmd("run", str(study), "--smoke", "--output", str(out)), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = pd.read_parquet(out / "trials.parquet")
+    small = smoke(load_study(study))
+    expected = sum(plan_stage(small, i, out, {}).num_trials for i in range(len(small.stages)))
+    assert len(trials) == expected, trials[["stage", "trial_id", "status"]]
+    assert not (trials.status == "error").any(), trials[["stage", "trial_id", "status", "error"]]
+    assert set(trials.stage) == {st.name for st in small.stages}
+
+
+@pytest.mark.parametrize("study", CLUSTER, ids=[p.stem for p in CLUSTER])
+def test_cluster_study_validates_plans_and_names_its_missing_data(tmp_path, study: Path):
+    r = subprocess.run(mmcl_cmd("validate", str(study)), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and ": ok (" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run(mmcl_cmd("plan", str(study)), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "total" in r.stdout and "GPU" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run(mmcl_cmd("validate", "--check-data", str(study)), cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    message = r.stderr.strip().splitlines()
+    assert message[-1].startswith("error: run.benchmark.root: "), r.stderr
+    assert load_study(study).run.benchmark.root in message[-1]
