@@ -18,6 +18,7 @@ import copy
 import hashlib
 import logging
 import math
+import pickle
 import random
 import resource
 import time
@@ -34,6 +35,20 @@ from mmcl.spec import RunSpec
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+
+
+def load_state_file(path) -> dict[str, Any]:
+    """Read a saved run state (a trial checkpoint) without running code from it.
+
+    Checkpoints come back from shared storage that other machines write to, so they are
+    read with ``weights_only=True``: tensors, numbers, strings and containers only. A
+    file whose unpickling would import or call anything is refused (the contract suite
+    checks that every method's state loads this way)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: refused to load: it holds more than tensors and plain data ({first})") from None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,6 +73,7 @@ class TaskEnd:
     peak_memory_mb: float
     task_wall_time_s: float
     method_stats: dict[str, float] = field(default_factory=dict)  # Method.stats() after this row
+    environment: dict[str, str] = field(default_factory=dict)  # environment_fingerprint()
 
     @property
     def n_tasks(self) -> int:
@@ -112,6 +128,39 @@ def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
             return None  # CPU autocast is slower than fp32 for these models
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def environment_fingerprint(device: torch.device, amp_dtype: torch.dtype | None, run: RunSpec) -> dict[str, str]:
+    """Where and how a run ran, for the trials table: reviewers blame gaps between
+    results on GPUs, CUDA and precision, so each trial records them (empty on a CPU)."""
+    import platform
+    import subprocess
+
+    env = {
+        "hostname": platform.node(),
+        "torch_version": torch.__version__,
+        "device": device.type,
+        "gpu_name": "",
+        "gpu_count": "0",
+        "cuda_version": "",
+        "driver_version": "",
+        "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "off",
+        # No gradient accumulation: one optimisation step sees training.batch_size samples.
+        "effective_batch_size": str(run.training.batch_size),
+    }
+    if device.type == "cuda":
+        env.update(
+            gpu_name=torch.cuda.get_device_name(device),
+            gpu_count=str(torch.cuda.device_count()),
+            cuda_version=torch.version.cuda or "",
+        )
+        try:  # torch does not expose the driver's version; nvidia-smi does
+            r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+            env["driver_version"] = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else ""
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return env
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -284,6 +333,7 @@ def run_continual(
     p = prepared or prepare(run)
     device, amp_dtype, tasks, method, method_gen = p.device, p.amp_dtype, p.tasks, p.method, p.method_gen
     names = p.task_names
+    fingerprint = environment_fingerprint(device, amp_dtype, run)
 
     rows: list[list[float]] = []
     sizes: dict[str, int] = {}
@@ -342,6 +392,7 @@ def run_continual(
                 peak_memory_mb=_peak_memory_mb(device),
                 task_wall_time_s=time.perf_counter() - t0,
                 method_stats={k: float(v) for k, v in method.stats().items()},
+                environment=fingerprint,
             )
         )
 

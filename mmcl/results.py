@@ -52,6 +52,11 @@ TRIALS_COLUMNS = [
 METHOD_STAT_PREFIX = "method/"
 
 
+# The trial's environment (engine.environment_fingerprint, plus the Ray node id) lands in
+# trials.parquet as string columns ``env/<name>``.
+ENV_PREFIX = "env/"
+
+
 def method_stat_columns(stats: dict[str, float]) -> dict[str, float]:
     """``Method.stats()`` as report keys / trials-table columns: ``method/<name>``."""
     return {f"{METHOD_STAT_PREFIX}{k}": float(v) for k, v in stats.items()}

@@ -31,7 +31,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from mmcl import interrupt
-from mmcl.results import METHOD_STAT_PREFIX, METRIC_COLUMNS, TrialWriter, git_sha, method_stat_columns
+from mmcl.results import ENV_PREFIX, METHOD_STAT_PREFIX, METRIC_COLUMNS, TrialWriter, git_sha, method_stat_columns
 from mmcl.spec import SpecError
 from mmcl.study import StageInterrupted, StagePlan, _task_names
 
@@ -135,7 +135,7 @@ def _fault_injection(moment: str, stage: str, trial_id: str, step: int) -> None:
 
 def _trial(config: dict[str, Any], plan_json: str) -> None:
     """The Tune function trainable: one continual run, reporting after every task."""
-    from mmcl.engine import NonFiniteLossError, run_continual
+    from mmcl.engine import NonFiniteLossError, load_state_file, run_continual
 
     plan = StagePlan.model_validate_json(plan_json)
     run, meta = plan.resolve(config)
@@ -146,7 +146,7 @@ def _trial(config: dict[str, Any], plan_json: str) -> None:
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            saved = torch.load(Path(d) / "state.pt", weights_only=False)
+            saved = load_state_file(Path(d) / "state.pt")
         resume, elapsed = saved["engine"], saved["elapsed_s"]
     resumed_from = resume["completed"] if resume else -1
     t_start = time.perf_counter()
@@ -170,6 +170,8 @@ def _trial(config: dict[str, Any], plan_json: str) -> None:
             # -1 for a trial that never restarted; else the task its checkpoint held.
             "resumed_from_task": resumed_from,
             **method_stat_columns(end.method_stats),
+            **{f"{ENV_PREFIX}{k}": v for k, v in end.environment.items()},
+            f"{ENV_PREFIX}node_id": ray.get_runtime_context().get_node_id(),
         }
         last.clear()
         last.update(metrics)
@@ -395,6 +397,8 @@ def _trial_rows(plan: StagePlan, grid) -> list[dict[str, Any]]:
                 "git_sha": sha,
                 # Method.stats() of the trial's last reported task (extra columns).
                 **{k: v for k, v in m.items() if k.startswith(METHOD_STAT_PREFIX)},
+                # Where and how it ran (hostname, node, GPU, CUDA, AMP dtype, batch size).
+                **{k: v for k, v in m.items() if k.startswith(ENV_PREFIX)},
             }
         )
     # Tune returns normally after Ctrl-C: trials cut off keep a live status, and trials

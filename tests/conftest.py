@@ -22,6 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Keep every Ray connection of the tests on loopback: on Linux Ray replaces a 127.0.0.1
+# address by the machine's interface address (services.resolve_ip_for_localhost) unless
+# clusters are "disabled", which only makes it use the loopback address for this node.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def _free_port() -> int:

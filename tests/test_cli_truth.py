@@ -194,18 +194,24 @@ def test_a_signal_ends_mmcl_with_exit_3_and_resume_finishes(ray_cluster, tmp_pat
 
 @pytest.mark.slow
 def test_a_second_signal_ends_mmcl_at_once(ray_cluster, tmp_path):
-    study = tiny_study(tmp_path / "s.yaml", [{"name": "abl", "kind": "ablation", "variants": ["full"], "seeds": [0]}],
-                       steps=12)  # fmt: skip
-    out = tmp_path / "out"
-    proc = subprocess.Popen(mmcl_cmd("run", str(study), "--output", str(out)), stdout=subprocess.PIPE,
+    # The trial hangs after its first report, so the graceful stop has to wait for Tune
+    # to tear that trial down (about 10 s): the second signal must not wait for it.
+    study = tiny_study(tmp_path / "s.yaml", [{"name": "abl", "kind": "ablation", "variants": ["full"], "seeds": [0]}])
+    out, markers = tmp_path / "out", tmp_path / "markers"
+    env = {**os.environ, "MMCL_FAULT_INJECT": f"hang:abl:0:{markers}"}
+    proc = subprocess.Popen(mmcl_cmd("run", str(study), "--output", str(out)), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
-        assert wait_for(lambda: any((out / "parts" / "accuracy" / "abl").glob("*/step_000.parquet")), timeout=400)
+        assert wait_for(lambda: markers.is_dir() and any(markers.iterdir()), timeout=400), "the trial never hung"
         proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # two pending SIGTERMs would be delivered as one
+        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         log, _ = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 3, log[-3000:]
-    assert "SIGTERM again: stopping now" in log
+    assert "SIGTERM: stopping the stage" in log and "SIGTERM again: stopping now" in log, log[-3000:]
+    assert took < 5, took

@@ -10,6 +10,8 @@ from mmcl.spec import apply_overrides, load_study
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.slow
+
 
 def _run(method: str, protocol: str):
     run = load_study(REPO / "studies" / "cma_quickstart.yaml").run

@@ -108,3 +108,28 @@ def test_data_workers_change_where_samples_load_not_the_results():
     workers = run_continual(run.model_copy(update={"data_workers": 2}))
     np.testing.assert_array_equal(np.array(base.matrix), np.array(workers.matrix))
     assert [c["loss"] for c in base.curves] == [c["loss"] for c in workers.curves]
+
+
+class _Payload:
+    """Unpickling this calls os.system: what a crafted checkpoint would do."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    from mmcl.engine import load_state_file
+
+    monkeypatch.chdir(tmp_path)
+    states = {}
+    run_continual(tiny_run("finetune", num_tasks=1), on_task_end=lambda e: states.__setitem__(e.step, e.state))
+    good = tmp_path / "good.pt"
+    torch.save({"engine": states[1], "elapsed_s": 1.0}, good)
+    assert load_state_file(good)["engine"]["completed"] == 1
+    bad = tmp_path / "bad.pt"
+    torch.save({"engine": states[1], "extra": _Payload()}, bad)
+    with pytest.raises(ValueError, match="refused to load"):
+        load_state_file(bad)
+    assert not (tmp_path / "pwned").exists()

@@ -18,6 +18,8 @@ import pytest
 from .conftest import mmcl_cmd, wait_for
 from .helpers import tiny_study
 
+pytestmark = pytest.mark.slow
+
 
 def _assert_complete_and_unique(out: Path, n_trials: int, n_tasks: int) -> pd.DataFrame:
     acc = pd.read_parquet(out / "accuracy.parquet")
@@ -52,7 +54,8 @@ def test_nan_trial_is_recorded_as_error_and_the_study_goes_on(ray_cluster, tmp_p
                                             {"name": "after", "kind": "ablation", "seeds": [0]}])
     out = tmp_path / "out"
     r = subprocess.run(mmcl_cmd("run", str(study), "--output", str(out)), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # An errored trial makes the exit status 1 (docs/cli.md), after the study ran to its end.
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     trials = pd.read_parquet(out / "trials.parquet").set_index("variant")
     bad = trials[trials.stage == "abl"].loc["diverge"]
     assert bad.status == "error" and "loss became" in bad.error and "non-finite terms" in bad.error

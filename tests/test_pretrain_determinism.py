@@ -17,6 +17,8 @@ import pytest
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.slow
+
 # Prints a hash of every weight, after disturbing the caller's RNG state and threads.
 _PRELUDE = textwrap.dedent(
     """

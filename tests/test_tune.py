@@ -69,6 +69,15 @@ def test_search_stage_with_asha_on_ray(ray_cluster, tmp_path):
     assert set(trials.status) <= {"completed", "stopped"}
     assert (trials.status == "stopped").any(), trials[["trial_id", "status", "n_tasks_trained"]]
     assert (trials.status == "completed").any()
+    # Each trial's environment fingerprint (CPU here: no GPU, CUDA or driver).
+    import platform
+
+    import torch
+
+    assert (trials["env/hostname"] == platform.node()).all() and (trials["env/node_id"].str.len() > 0).all()
+    assert (trials["env/torch_version"] == torch.__version__).all() and (trials["env/device"] == "cpu").all()
+    assert (trials["env/gpu_count"] == "0").all() and (trials["env/gpu_name"] == "").all()
+    assert (trials["env/amp_dtype"] == "off").all() and (trials["env/effective_batch_size"] == "8").all()
     # One accuracy row per (trial, step, eval task), steps 0..tasks trained.
     assert not acc.duplicated(["trial_id", "step", "eval_task"]).any()
     for _, t in trials.iterrows():

@@ -67,6 +67,23 @@ class PretrainRecipe(BaseModel):
 
 
 RECIPE = PretrainRecipe()
+
+
+def recipe_seed() -> int:
+    """Seed of every offline model's recipe (tiny CLIP, tiny BLIP-2 / LLaVA): 0, or
+    $MMCL_RECIPE_SEED to measure how much a figure owes to one pretrained model (each
+    seed is cached apart: the seed is part of the cache key)."""
+    raw = os.environ.get("MMCL_RECIPE_SEED", "0").strip() or "0"
+    try:
+        return int(raw)
+    except ValueError:
+        raise SpecError(f"MMCL_RECIPE_SEED={raw!r}: not an integer; fix: unset it or give a seed such as 1") from None
+
+
+def current_recipe() -> PretrainRecipe:
+    """The recipe pretraining uses now: :data:`RECIPE` with :func:`recipe_seed`."""
+    seed = recipe_seed()
+    return RECIPE if seed == RECIPE.seed else RECIPE.model_copy(update={"seed": seed})
 # 900 steps of batch 128: ~2 min on 2 idle cores. Shorter runs (400 steps) leave shape and
 # position near chance zero-shot; the tasks then cannot be learned in an epoch either.
 
@@ -90,10 +107,11 @@ def _model_config(name: str) -> dict[str, Any]:
     return cfg
 
 
-def checkpoint_path(spec: BackboneSpec, recipe: PretrainRecipe = RECIPE) -> Path:
+def checkpoint_path(spec: BackboneSpec, recipe: PretrainRecipe | None = None) -> Path:
     """Where the synthetic weights of ``spec.model`` live (whether or not they exist yet)."""
     from mmcl.data.synthetic import GENERATOR_VERSION
 
+    recipe = recipe or current_recipe()
     payload = json.dumps(
         {
             "model": spec.model,
@@ -113,7 +131,8 @@ def ensure_pretrained(spec: BackboneSpec) -> Path:
         raise SpecError(
             f"run.backbone.pretrained: only 'synthetic' weights are made locally, got {spec.pretrained!r}"
         )
-    path = checkpoint_path(spec)
+    recipe = current_recipe()
+    path = checkpoint_path(spec, recipe)
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,10 +145,10 @@ def ensure_pretrained(spec: BackboneSpec) -> Path:
                 return path
             log.warning(
                 "pretraining %s on synthetic captions (%d steps, %d threads; once per machine) -> %s",
-                spec.model, RECIPE.steps, RECIPE.threads, path,
+                spec.model, recipe.steps, recipe.threads, path,
             )  # fmt: skip
             t0 = time.perf_counter()
-            state = pretrain(spec.model, RECIPE)
+            state = pretrain(spec.model, recipe)
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
             try:
                 torch.save({"state_dict": state}, tmp)

@@ -188,9 +188,14 @@ def _tiny_dir(spec: BackboneSpec) -> Path:
     pretrained = spec.path == TINY_PRETRAINED
     from mmcl.data.synthetic_text import GENERATOR_VERSION
 
+    from mmcl.backbones.pretrain import recipe_seed
+
+    seed = recipe_seed()
     name = f"{TINY_VERSION}-{spec.kind}"
     if pretrained:
         name += f"-pretrained-{GENERATOR_VERSION}-{PRETRAIN_STEPS}-r{PRETRAIN_VERSION}"
+    if seed:
+        name += f"-s{seed}"
     final = cache / name
     if (final / "config.json").is_file():
         return final
@@ -198,9 +203,9 @@ def _tiny_dir(spec: BackboneSpec) -> Path:
     # Built in a private directory and renamed into place: trials that start together
     # never see a half-written model.
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{final.name}-"))
-    save_tiny(spec.kind, tmp)
+    save_tiny(spec.kind, tmp, seed=seed)
     if pretrained:
-        pretrain_tiny(tmp)
+        pretrain_tiny(tmp, seed=seed)
     try:
         tmp.rename(final)
     except OSError:  # another process won the race

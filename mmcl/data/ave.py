@@ -240,7 +240,7 @@ class StoredClips(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         c = self.clips[i]
-        item = torch.load(self.store / f"{c.key}.pt")
+        item = torch.load(self.store / f"{c.key}.pt", weights_only=True)  # tensors only: runs no code
         vm = [m for m, k in self.kinds.items() if k == "video"]
         am = [m for m, k in self.kinds.items() if k == "audio"]
         frames = {m: item[m].float()[None] / 255.0 for m in vm}
