@@ -150,6 +150,9 @@ def test_ensure_pretrained_trains_once_under_concurrency(tmp_path, monkeypatch):
     assert pretrain.checkpoint_path(BackboneSpec()).parent == tmp_path / "env"
 
 
+# In CI (an empty MMCL_CACHE) this is the first test that needs the tiny CLIP, so it pays
+# for the one-off pretraining: ~4 min on 2 idle cores, more on a loaded machine.
+@pytest.mark.timeout(1800)
 def test_synthetic_pretraining_gives_zero_shot(mmcl_cache):
     """The offline-pretrained tiny CLIP recognises the tasks' concepts without training."""
     spec = BackboneSpec(model="mmcl-tiny-clip", pretrained="synthetic", cache_dir=str(mmcl_cache))
