@@ -23,9 +23,8 @@ import logging
 import math
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -161,16 +160,6 @@ def ensure_pretrained(spec: BackboneSpec) -> Path:
     return path
 
 
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     # No decay on gains, biases, embeddings and the temperature (CLIP's convention).
     decay, no_decay = [], []
@@ -203,10 +192,10 @@ def pretrain(model_name: str, recipe: PretrainRecipe = RECIPE, log_every: int = 
     import open_clip
 
     from mmcl.backbones.clip import MAX_LOGIT_SCALE, register_model_configs
-    from mmcl.data.synthetic import pretraining_pool
+    from mmcl.data.synthetic import pretraining_pool, torch_threads
 
     register_model_configs()
-    with torch.random.fork_rng(devices=[]), _threads(recipe.threads):
+    with torch.random.fork_rng(devices=[]), torch_threads(recipe.threads):
         torch.manual_seed(recipe.seed)
         model = open_clip.create_model(model_name, pretrained=None)
         tokenizer = open_clip.get_tokenizer(model_name)

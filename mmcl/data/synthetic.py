@@ -303,22 +303,27 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 @contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread for the duration (restored afterwards).
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch on ``n`` intra-op threads for the duration (restored afterwards)."""
+    old = torch.get_num_threads()
+    if old == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def single_thread():
+    """:func:`torch_threads` (1).
 
     Rendering is many small element-wise ops: with two threads on a busy 2-core machine
     (another trial training beside us) OpenMP's barriers make it ~40x slower, and one
     thread is as fast as two on an idle one.
     """
-    old = torch.get_num_threads()
-    if old == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+    return torch_threads(1)
 
 
 def render(scenes: Scenes, domain: Domain, g: torch.Generator, image_size: int = 32, jitter_domain: bool = False) -> torch.Tensor:
