@@ -57,7 +57,7 @@ def __getattr__(name: str) -> Any:
 class Results:
     """The three tables of one results directory."""
 
-    path: Path
+    path: Path | str  # a local directory, or the URI of a bucket prefix
     accuracy: pd.DataFrame
     trials: pd.DataFrame
     curves: pd.DataFrame
@@ -68,7 +68,7 @@ class Results:
         for df in (self.trials, self.accuracy):
             if "study" in df.columns and df["study"].notna().any():
                 return str(df["study"].dropna().iloc[0])
-        return self.path.name
+        return str(self.path).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
 
     def metrics(self) -> pd.DataFrame:
         """One row per trial: its metadata (trials.parquet) and its metrics.
@@ -120,29 +120,32 @@ class Results:
         return self._metrics.copy()
 
 
-def _read(path: Path, columns: list[str]) -> pd.DataFrame:
+def _read(store: Any, key: str, columns: list[str]) -> pd.DataFrame:
     import pandas as pd
 
-    if not path.exists():
+    if not store.is_file(key):
         return pd.DataFrame(columns=columns)
-    df = pd.read_parquet(path)
+    df = store.read_parquet(key)
     for col in columns:
         if col not in df.columns:
             df[col] = pd.Series(index=df.index, dtype=object)
     return df
 
 
-def load(path: str | Path) -> Results:
-    """Read ``accuracy``, ``trials`` and ``curves`` Parquet tables of a results directory."""
-    root = Path(path).expanduser()
-    if not root.is_dir():
+def load(path: Any) -> Results:
+    """Read ``accuracy``, ``trials`` and ``curves`` Parquet tables of a results directory:
+    a local path or a bucket URI (``s3://bucket/study``, credentials from the environment)."""
+    from mmcl.storage import open_storage
+
+    store = open_storage(path)
+    if not store.exists():
         raise FileNotFoundError(
-            f"{root}: not a results directory; pass the --output of `mmcl run` "
-            f"(the folder holding accuracy.parquet, trials.parquet, curves.parquet)"
+            f"{store.where()}: not a results directory; pass the --output of `mmcl run` "
+            f"(the folder or URI holding accuracy.parquet, trials.parquet, curves.parquet)"
         )
     return Results(
-        path=root,
-        accuracy=_read(root / "accuracy.parquet", ACCURACY_COLUMNS),
-        trials=_read(root / "trials.parquet", TRIALS_COLUMNS),
-        curves=_read(root / "curves.parquet", CURVES_COLUMNS),
+        path=store.local_path or store.uri,
+        accuracy=_read(store, "accuracy.parquet", ACCURACY_COLUMNS),
+        trials=_read(store, "trials.parquet", TRIALS_COLUMNS),
+        curves=_read(store, "curves.parquet", CURVES_COLUMNS),
     )

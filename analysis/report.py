@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -104,7 +104,7 @@ def _stages(res: Results) -> list:
     return list(pd.unique(m["stage"].dropna())) if len(m) else []
 
 
-def build_report(path: str | Path) -> str:
+def build_report(path: Any) -> str:
     """The whole report as Markdown: summary, leaderboards, ablations, orders, best matrices."""
     import analysis
 
@@ -144,14 +144,14 @@ def build_report(path: str | Path) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: str | Path) -> Path:
-    """Write :func:`build_report` to ``DIR/report.md`` and return that path."""
-    out = Path(path) / REPORT_NAME
-    text = build_report(path)
-    tmp = out.with_name(f".{REPORT_NAME}.tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(out)
-    return out
+def write_report(path: Any) -> Path | str:
+    """Write :func:`build_report` to ``DIR/report.md`` (a local path or a bucket URI) and
+    return where it went."""
+    from mmcl.storage import open_storage
+
+    store = open_storage(path)
+    store.write_text(REPORT_NAME, build_report(store) + "\n")
+    return store.local_path / REPORT_NAME if store.local_path else store.where(REPORT_NAME)
 
 
 __all__: Sequence[str] = ["build_report", "write_report", "markdown_table", "accuracy_matrix"]

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from mmcl.interrupt import EXIT_INTERRUPTED
 from mmcl.spec import SpecError, StudySpec, load_study, parse_study
+from mmcl.storage import Storage, StorageError
+from mmcl.study import STATE_KEY
 
 EXIT_OK, EXIT_TRIALS_ERRORED, EXIT_USAGE = 0, 1, 2
 
@@ -33,7 +35,7 @@ def _load(path: str, smoke: bool) -> StudySpec:
     return resolve_paths(study, Path.cwd())
 
 
-def _print_summary(out: Path, study: StudySpec) -> int:
+def _print_summary(out: Storage, study: StudySpec) -> int:
     """Print the stage table and the errored trials; return the exit status."""
     import analysis
     from analysis.report import write_report
@@ -42,7 +44,7 @@ def _print_summary(out: Path, study: StudySpec) -> int:
     res = analysis.load(out)
     table = summary_table(res)
     print("\n" + table.to_string(index=False) if len(table) else "(no trials)")
-    print(f"\nresults: {out}\nreport:  {write_report(out)}")
+    print(f"\nresults: {out.where()}\nreport:  {write_report(out)}")
     code, lines = errored_verdict(res.trials, study.failure.max_errored_fraction)
     if lines:
         print("\n" + "\n".join(lines), file=sys.stderr)
@@ -79,10 +81,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mmcl.study import run_study
 
     study = _load(args.study, args.smoke)
-    out = Path(args.output).resolve() if args.output else Path(study.storage) / study.name
-    if (out / "study_state.json").exists():
+    out = Storage.open(args.output) if args.output else Storage.open(study.storage) / study.name
+    if out.is_file(STATE_KEY):
         raise SpecError(
-            f"{out} already holds results of a study; continue it with `mmcl resume {out}` "
+            f"{out.where()} already holds results of a study; continue it with `mmcl resume {out}` "
             f"or pass another --output"
         )
     run_study(study, out)
@@ -94,11 +96,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     from mmcl.study import run_study
 
-    out = Path(args.dir).resolve()
-    spec_file = out / "study.yaml"
-    if not spec_file.exists():
-        raise SpecError(f"{out}: not a study output directory (no study.yaml); start it with `mmcl run`")
-    study = parse_study(yaml.safe_load(spec_file.read_text()), str(spec_file))
+    out = Storage.open(args.dir)
+    if not out.is_file("study.yaml"):
+        raise SpecError(f"{out.where()}: not a study output directory (no study.yaml); start it with `mmcl run`")
+    study = parse_study(yaml.safe_load(out.read_text("study.yaml")), out.where("study.yaml"))
     run_study(study, out, resume=True)
     return _print_summary(out, study)
 
@@ -127,10 +128,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import build_report, write_report
     from mmcl.results import consolidate
 
-    out = Path(args.dir).resolve()
-    if not out.is_dir():
-        raise SpecError(f"{out}: no such results directory")
-    if (out / "parts").exists():
+    out = Storage.open(args.dir)
+    if not out.exists():
+        raise SpecError(f"{out.where()}: no such results directory")
+    if out.exists("parts"):
         consolidate(out)
     print(build_report(out))
     print(f"\nwritten: {write_report(out)}")
@@ -142,11 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run every stage of a study")
     r.add_argument("study", help="study YAML file")
-    r.add_argument("--output", help="results directory (default: <storage>/<study name>)")
+    r.add_argument("--output", help="results directory or bucket URI, e.g. s3://bucket/x (default: <storage>/<study name>)")
     r.add_argument("--smoke", action="store_true", help="shrink the study to a quick check")
     r.set_defaults(fn=cmd_run)
     s = sub.add_parser("resume", help="continue an interrupted study")
-    s.add_argument("dir", help="the study's results directory")
+    s.add_argument("dir", help="the study's results directory or URI (from any machine)")
     s.set_defaults(fn=cmd_resume)
     v = sub.add_parser("validate", help="check a study file (no Ray, no data, no GPU)")
     v.add_argument("study")
@@ -160,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--smoke", action="store_true")
     pl.set_defaults(fn=cmd_plan)
     rp = sub.add_parser("report", help="print the paper tables of a results directory")
-    rp.add_argument("dir")
+    rp.add_argument("dir", help="results directory or URI")
     rp.set_defaults(fn=cmd_report)
     return p
 
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         interrupt.install()
     try:
         return args.fn(args)
-    except SpecError as e:
+    except (SpecError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except ModuleNotFoundError as e:

@@ -1,6 +1,7 @@
 """Parquet results: written so that retries and resumes never lose or duplicate a row.
 
-Layout of a study's output directory::
+Layout of a study's output directory (a local path or an object-store prefix, see
+mmcl.storage)::
 
     study.yaml               the resolved study (after --smoke, paths made absolute)
     study_state.json         which stages finished, their best configs
@@ -17,21 +18,21 @@ Layout of a study's output directory::
 A trial writes its part files itself, as soon as a row exists, under a name fixed by
 (stage, trial, step): a retried or resumed trial that recomputes a step overwrites the
 same file instead of adding a second one, and a crash between two steps loses nothing
-already written. Every file is written to a temporary name and renamed into place, so a
-reader never sees half a file. Consolidation reads every part and keeps the last copy of
+already written. Every file appears whole or not at all (a rename on a disk, one upload
+on an object store: mmcl.storage), so a reader never sees half a file. Consolidation reads every part and keeps the last copy of
 each key, so even an external copy of a part cannot create duplicates.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from mmcl.storage import Storage, open_storage
 
 ACCURACY_COLUMNS = [
     "study", "stage", "trial_id", "variant", "order_id", "seed", "step", "trained_task",
@@ -62,31 +63,11 @@ def method_stat_columns(stats: dict[str, float]) -> dict[str, float]:
     return {f"{METHOD_STAT_PREFIX}{k}": float(v) for k, v in stats.items()}
 
 
-def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 class TrialWriter:
     """Writes one trial's rows as part files (used inside the trial's process)."""
 
-    def __init__(self, out_dir: str | Path, study: str, stage: str, trial_id: str, meta: dict[str, Any]):
-        self.out = Path(out_dir)
+    def __init__(self, out: str | Storage, study: str, stage: str, trial_id: str, meta: dict[str, Any]):
+        self.out = open_storage(out)
         self.study, self.stage, self.trial_id = study, stage, trial_id
         self.meta = meta  # variant, order_id, seed
 
@@ -110,51 +91,61 @@ class TrialWriter:
             }
             for pos, name in enumerate(end.task_names)
         ]
-        base = self.out / "parts"
-        atomic_write_parquet(
+        self.out.write_parquet(
             pd.DataFrame(rows, columns=ACCURACY_COLUMNS),
-            base / "accuracy" / self.stage / self.trial_id / f"step_{end.step:03d}.parquet",
+            f"parts/accuracy/{self.stage}/{self.trial_id}/step_{end.step:03d}.parquet",
         )
         if end.curves:
             df = pd.DataFrame(end.curves)
             df.insert(0, "trial_id", self.trial_id)
             df.insert(0, "stage", self.stage)
             df.insert(0, "study", self.study)
-            atomic_write_parquet(df, base / "curves" / self.stage / self.trial_id / f"task_{end.step:03d}.parquet")
+            self.out.write_parquet(df, f"parts/curves/{self.stage}/{self.trial_id}/task_{end.step:03d}.parquet")
 
 
-def write_trials(out_dir: str | Path, stage: str, rows: list[dict[str, Any]]) -> None:
+def write_trials(out: str | Path | Storage, stage: str, rows: list[dict[str, Any]]) -> None:
     """The trials table of one stage (written by the driver when the stage ends)."""
     df = pd.DataFrame(rows)
     for c in TRIALS_COLUMNS:
         if c not in df.columns:
             df[c] = None
     extra = sorted(c for c in df.columns if c not in TRIALS_COLUMNS)
-    atomic_write_parquet(df[TRIALS_COLUMNS + extra], Path(out_dir) / "parts" / "trials" / f"{stage}.parquet")
+    open_storage(out).write_parquet(df[TRIALS_COLUMNS + extra], f"parts/trials/{stage}.parquet")
 
 
-def _read_parts(files: list[Path]) -> pd.DataFrame:
-    frames = [pd.read_parquet(f) for f in sorted(files)]
+def _read_parts(out: Storage, keys: list[str]) -> pd.DataFrame:
+    frames = [out.read_parquet(k) for k in sorted(keys)]
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def consolidate(out_dir: str | Path) -> dict[str, int]:
+def _part_keys(out: Storage, prefix: str, depth: int, name: str) -> list[str]:
+    """Keys ``<prefix>/<depth dirs>/<name>*.parquet`` (a listing, not a glob: object
+    stores have no directories to walk)."""
+    keys = []
+    for k in out.list_files(prefix, suffix=".parquet"):
+        rest = k[len(prefix) + 1 :].split("/")
+        if len(rest) == depth + 1 and rest[-1].startswith(name):
+            keys.append(k)
+    return keys
+
+
+def consolidate(out: str | Path | Storage) -> dict[str, int]:
     """Rebuild accuracy / curves / trials.parquet from the parts; returns row counts."""
-    out = Path(out_dir)
+    out = open_storage(out)
     counts = {}
-    for table, pattern, key, cols in (
-        ("accuracy", "parts/accuracy/*/*/step_*.parquet", ACCURACY_KEY, ACCURACY_COLUMNS),
-        ("curves", "parts/curves/*/*/task_*.parquet", CURVES_KEY, None),
-        ("trials", "parts/trials/*.parquet", TRIALS_KEY, None),
+    for table, prefix, depth, name, key, cols in (
+        ("accuracy", "parts/accuracy", 2, "step_", ACCURACY_KEY, ACCURACY_COLUMNS),
+        ("curves", "parts/curves", 2, "task_", CURVES_KEY, None),
+        ("trials", "parts/trials", 0, "", TRIALS_KEY, None),
     ):
-        df = _read_parts(list(out.glob(pattern)))
+        df = _read_parts(out, _part_keys(out, prefix, depth, name))
         if len(df):
             df = df.drop_duplicates(subset=key, keep="last")
             df = df.sort_values(key, kind="stable").reset_index(drop=True)
         elif cols:
             df = pd.DataFrame(columns=cols)
-        atomic_write_parquet(df, out / f"{table}.parquet")
+        out.write_parquet(df, f"{table}.parquet")
         counts[table] = len(df)
     return counts
 
@@ -182,5 +173,5 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_json(obj: Any, path: Path) -> None:
-    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str), path)
+def write_json(obj: Any, out: str | Path | Storage, key: str) -> None:
+    open_storage(out).write_text(key, json.dumps(obj, indent=2, sort_keys=True, default=str))

@@ -321,7 +321,9 @@ class FailureSpec(Strict):
 class StudySpec(Strict):
     name: str
     description: str = ""
-    # Where results go (relative paths resolve against the directory `mmcl` runs in).
+    # Where results go: a directory every node sees (relative paths resolve against the
+    # directory `mmcl` runs in), or a bucket URI (s3://bucket/prefix, gs://..., options
+    # such as ?endpoint_override=host:port&scheme=http): see mmcl/storage.py.
     storage: str = "results"
     run: RunSpec = Field(default_factory=RunSpec)
     stages: list[Stage] = Field(min_length=1)

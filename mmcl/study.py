@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,6 +29,9 @@ from mmcl.spec import (
     StudySpec,
     apply_overrides,
 )
+
+if TYPE_CHECKING:
+    from mmcl.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,10 @@ class StagePlan(BaseModel):
     resources: ResourcesSpec
     max_concurrent_trials: int
     max_failures: int
-    out_dir: str
+    out_dir: str  # the study's storage: a local path or a URI (mmcl.storage)
+    # The driver's token in that storage (mmcl.tune.check_storage_reachable); every
+    # trial reads it back before it trains. Empty: no check.
+    storage_token: str = ""
 
     @property
     def num_trials(self) -> int:
@@ -233,7 +238,7 @@ def smoke(study: StudySpec) -> StudySpec:
 # --------------------------------------------------------------------------- plans
 
 
-def plan_stage(study: StudySpec, index: int, out_dir: Path, best: dict[str, dict[str, Any]]) -> StagePlan:
+def plan_stage(study: StudySpec, index: int, out_dir: str | Path, best: dict[str, dict[str, Any]]) -> StagePlan:
     """The StagePlan of stage ``index``; ``best[name]`` = best overrides of earlier stages."""
     st = study.stages[index]
     where = f"stages[{index}] ({st.name})"
@@ -364,17 +369,18 @@ def resolve_paths(study: StudySpec, cwd: Path) -> StudySpec:
     store = s.run.benchmark.options.get("store_dir")
     if isinstance(store, str):
         s.run.benchmark.options["store_dir"] = absolute(store)
-    s.storage = str((cwd / Path(s.storage).expanduser()).resolve())
+    from mmcl.storage import Storage
+
+    # A bucket URI stays as it is (with its options); a local path becomes absolute.
+    s.storage = Storage.open(s.storage, cwd).uri
     return s
 
 
-def _state_path(out: Path) -> Path:
-    return out / "study_state.json"
+STATE_KEY = "study_state.json"
 
 
-def read_state(out: Path) -> dict[str, Any]:
-    p = _state_path(out)
-    return json.loads(p.read_text()) if p.exists() else {"stages": {}}
+def read_state(out: Storage) -> dict[str, Any]:
+    return json.loads(out.read_text(STATE_KEY)) if out.is_file(STATE_KEY) else {"stages": {}}
 
 
 def best_of_stage(plan: StagePlan, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -458,34 +464,29 @@ def preflight(study: StudySpec) -> None:
         build_benchmark(study.run.benchmark, image_size=backbone.image_size, preprocess=backbone.preprocess)
 
 
-def run_study(study: StudySpec, out: Path, resume: bool = False) -> Path:
-    """Run (or continue) every stage; returns the output directory."""
+def run_study(study: StudySpec, out: Storage, resume: bool = False) -> Storage:
+    """Run (or continue) every stage into ``out`` (a local directory or a bucket prefix)."""
     # Data first: a missing dataset stops here, before an output directory, Ray or a
     # minutes-long pretraining exists.
     check_study_data(study)
     from mmcl import results
-    from mmcl.tune import ensure_ray, run_stage
+    from mmcl.storage import StorageError
+    from mmcl.tune import check_storage_reachable, ensure_ray, run_stage
 
     # Then the cluster: an unreachable one stops here too, before anything is written.
     ensure_ray()
-
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise SpecError(
-            f"storage: cannot write the results directory {out} ({e.strerror or e}); fix: set `storage:` in the "
-            "study (or --output) to a directory this machine can write"
-        ) from None
+        out.check_writable()
+    except StorageError as e:
+        raise SpecError(str(e)) from None
+    # Every node a trial may run on must see what the driver writes here (a local path
+    # on a cluster without a shared disk would strand each trial's rows on its node).
+    token = check_storage_reachable(out)
     if not resume:
         import yaml
 
-        results.atomic_write_text(
-            yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False), out / "study.yaml"
-        )
-        results.write_json(results.versions(), out / "versions.json")
+        out.write_text("study.yaml", yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))
+        results.write_json(results.versions(), out, "versions.json")
     state = read_state(out)
     preflight(study)
     best: dict[str, dict[str, Any]] = {
@@ -495,7 +496,8 @@ def run_study(study: StudySpec, out: Path, resume: bool = False) -> Path:
         if state["stages"].get(st.name, {}).get("done"):
             log.info("stage %s finished earlier; not rerun", st.name)
             continue
-        plan = plan_stage(study, i, out, best)
+        plan = plan_stage(study, i, out.uri, best)
+        plan.storage_token = token
         print(f"== stage {i + 1}/{len(study.stages)}: {st.name} ({st.kind}, {plan.num_trials} trials)", flush=True)
         restore = resume and state["stages"].get(st.name, {}).get("started", False)
         _mark(out, st.name, started=True)
@@ -517,9 +519,9 @@ def run_study(study: StudySpec, out: Path, resume: bool = False) -> Path:
     return out
 
 
-def _mark(out: Path, stage: str, **fields: Any) -> None:
+def _mark(out: Storage, stage: str, **fields: Any) -> None:
     from mmcl.results import write_json
 
     state = read_state(out)
     state["stages"].setdefault(stage, {}).update(fields)
-    write_json(state, _state_path(out))
+    write_json(state, out, STATE_KEY)

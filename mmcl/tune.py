@@ -28,11 +28,13 @@ from typing import Any
 import ray
 import torch
 from ray import tune
+from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
 from ray.tune.search.optuna import OptunaSearch
 
 from mmcl import interrupt
 from mmcl.results import ENV_PREFIX, METHOD_STAT_PREFIX, METRIC_COLUMNS, TrialWriter, git_sha, method_stat_columns
 from mmcl.spec import SpecError
+from mmcl.storage import Storage
 from mmcl.study import StageInterrupted, StagePlan, _task_names
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,11 @@ class ContinualOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial = self._ot_trials[trial_id]
+        if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+            # Told already by a driver that died before Tune saved that fact (the journal
+            # is written first): restored, the trial ends again; telling twice would raise.
+            self._completed_trials.add(trial_id)
+            return
         state, value = optuna.trial.TrialState.COMPLETE, None
         if error or not result or result.get("error"):
             state = optuna.trial.TrialState.FAIL
@@ -91,13 +98,67 @@ class ContinualOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
-def optuna_storage(path: Path):
-    """A journal-file Optuna storage (a storage object: OptunaSearch rejects URLs)."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
+class SyncedJournalBackend(BaseJournalBackend):
+    """Optuna journal of a search stage whose study storage is a bucket.
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
+    A journal file on an object store cannot be appended to atomically, and a journal on
+    the driver's local disk is lost with the driver. So the driver, the only writer (the
+    searcher lives in the driver), keeps the journal in a local mirror and uploads the
+    whole file to ``<storage>/optuna/<stage>.journal`` after every append (one PUT: the
+    stored copy is always a complete log of every tell so far). A driver on another
+    machine (``mmcl resume s3://...``) downloads it when this object is built or
+    unpickled (Tune restores the searcher by unpickling it), so the search continues
+    with its whole history. The mirror path is recomputed on each machine, never pickled.
+    """
+
+    def __init__(self, storage_uri: str, stage: str):
+        self.storage_uri, self.stage = storage_uri, stage
+        self._setup()
+
+    @property
+    def key(self) -> str:
+        return f"optuna/{self.stage}.journal"
+
+    def _setup(self) -> None:
+        from mmcl.storage import Storage
+
+        self._store = Storage.open(self.storage_uri)
+        mirror = Path(tempfile.gettempdir()) / "mmcl-optuna" / self._store.cache_key() / f"{self.stage}.journal"
+        mirror.parent.mkdir(parents=True, exist_ok=True)
+        # The stored copy is the truth: a mirror left by an earlier driver is replaced.
+        mirror.write_bytes(self._store.read_bytes(self.key) if self._store.is_file(self.key) else b"")
+        self._mirror = mirror
+        self._file = JournalFileBackend(str(mirror))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"storage_uri": self.storage_uri, "stage": self.stage}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._setup()
+
+    def read_logs(self, log_number_from: int):
+        return self._file.read_logs(log_number_from)
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        self._file.append_logs(logs)
+        self._store.upload_file(self._mirror, self.key)
+
+
+def optuna_storage(study_dir: str, stage: str):
+    """The Optuna storage of a search stage (a storage object: OptunaSearch rejects URLs):
+    a journal file under ``<study>/optuna/`` on a local / NFS study storage (where
+    optuna-dashboard opens it), a :class:`SyncedJournalBackend` on a bucket."""
+    from optuna.storages import JournalStorage
+
+    from mmcl.storage import Storage
+
+    store = Storage.open(study_dir)
+    if store.local_path is not None:
+        path = store.local_path / "optuna" / f"{stage}.journal"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    return JournalStorage(SyncedJournalBackend(store.uri, stage))
 
 
 def optuna_study_name(plan: StagePlan) -> str:
@@ -138,6 +199,7 @@ def _trial(config: dict[str, Any], plan_json: str) -> None:
     from mmcl.engine import NonFiniteLossError, load_state_file, run_continual
 
     plan = StagePlan.model_validate_json(plan_json)
+    _check_trial_storage(plan)
     run, meta = plan.resolve(config)
     trial_id = tune.get_context().get_trial_id()
     writer = TrialWriter(plan.out_dir, plan.study, plan.stage, trial_id, meta)
@@ -276,6 +338,95 @@ def ensure_ray() -> None:
         watchdog.cancel()
 
 
+# --------------------------------------------------------------------------- storage
+
+STORAGE_TOKEN_KEY = ".storage-token"  # written by the driver at every run / resume
+STORAGE_CHECK_TIMEOUT_S = 120.0  # every trial node answers within this (a node may be busy)
+
+
+class StorageNotShared(RuntimeError):
+    """A trial runs on a node that does not see the driver's study storage."""
+
+
+def _read_token(uri: str) -> tuple[bool, str]:
+    """On a trial node: (read it, its content or why not)."""
+    try:
+        store = Storage.open(uri)
+        if not store.is_file(STORAGE_TOKEN_KEY):
+            return False, "sees no such file"
+        return True, store.read_text(STORAGE_TOKEN_KEY)
+    except Exception as e:  # credentials, endpoint, permissions: the message says which
+        return False, f"{type(e).__name__}: {e}"
+
+
+def _not_shared_message(out: Storage, where: str, detail: str) -> str:
+    if out.local:
+        return (
+            f"storage: {out.where()} is a local path, and {where} does not see the driver's files there ({detail}): "
+            "every trial placed there would leave its rows on that node's own disk. fix: set `storage:` (or --output) "
+            "to a bucket, e.g. s3://bucket/prefix (credentials in every node's environment), or to a directory "
+            "that every node mounts (NFS / EFS)"
+        )
+    return (
+        f"storage: {where} cannot use {out.where()} ({detail}); fix: give every node access to the bucket "
+        "(credentials in its environment, e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an instance role; the "
+        "same endpoint options in the URI)"
+    )
+
+
+def check_storage_reachable(out: Storage) -> str:
+    """Write a fresh token into the study's storage and make every alive node that can
+    run a trial read it back, before any trial starts; raise SpecError naming the first
+    node that cannot. Returns the token (each trial checks it too: a node that joins
+    later, e.g. an autoscaled GPU worker, is caught by its first trial).
+
+    A local Ray that mmcl started itself is one machine: nothing to check there."""
+    import uuid
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = uuid.uuid4().hex
+    out.write_text(STORAGE_TOKEN_KEY, token)
+    if _cluster_address() is None:
+        return token
+    nodes = [
+        n for n in ray.nodes()
+        if n.get("Alive") and (n["Resources"].get("CPU", 0) > 0 or n["Resources"].get("GPU", 0) > 0)
+    ]  # fmt: skip
+    probe = ray.remote(num_cpus=0, max_retries=0)(_read_token)
+    refs = {
+        n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            out.uri
+        )
+        for n in nodes
+    }
+    by_id = {n["NodeID"]: n for n in nodes}
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=STORAGE_CHECK_TIMEOUT_S)
+    for node_id, ref in refs.items():
+        where = f"node {by_id[node_id]['NodeManagerAddress']} ({node_id[:12]})"
+        if ref not in ready:
+            raise SpecError(
+                f"storage check: {where} did not answer within {STORAGE_CHECK_TIMEOUT_S:.0f} s (is it overloaded or "
+                "failing? `ray status`); fix: bring the node back or remove it, then run again"
+            )
+        ok, text = ray.get(ref)
+        if not ok:
+            raise SpecError(_not_shared_message(out, where, text))
+        if text != token:
+            raise SpecError(_not_shared_message(out, where, "it sees another run's file at that path"))
+    return token
+
+
+def _check_trial_storage(plan: StagePlan) -> None:
+    """In a trial: the driver's token is visible here, or the trial refuses to start."""
+    if not plan.storage_token:
+        return
+    ok, text = _read_token(plan.out_dir)
+    if not ok or text != plan.storage_token:
+        where = f"node {ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:12]})"
+        raise StorageNotShared(_not_shared_message(Storage.open(plan.out_dir), where, text if not ok else "stale"))
+
+
 def _build_tuner(plan: StagePlan, restore: bool) -> tune.Tuner:
     # reuse_actors: a trial's process (torch, open_clip, the benchmark cache) serves the
     # next trial too, instead of a fresh interpreter per trial.
@@ -283,15 +434,19 @@ def _build_tuner(plan: StagePlan, restore: bool) -> tune.Tuner:
         tune.with_parameters(_trial, plan_json=plan.model_dump_json()),
         {"cpu": plan.resources.cpu, "gpu": plan.resources.gpu},
     )
-    storage = str(Path(plan.out_dir) / "ray")
-    exp_path = Path(storage) / plan.stage
-    if restore and tune.Tuner.can_restore(str(exp_path)):
-        print(f"   restoring stage {plan.stage} from {exp_path}", flush=True)
-        return tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=True)
+    # Tune's experiments (trial checkpoints, searcher state) live in the study's own
+    # storage, so any node can write a checkpoint and any driver machine can restore.
+    ray_dir = Storage.open(plan.out_dir) / "ray"
+    fs = None if ray_dir.local else ray_dir.fs
+    exp_path = ray_dir.path(plan.stage)
+    if restore and tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        print(f"   restoring stage {plan.stage} from {ray_dir.where(plan.stage)}", flush=True)
+        return tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
 
     run_config = tune.RunConfig(
         name=plan.stage,
-        storage_path=storage,
+        storage_path=ray_dir.path(),
+        storage_filesystem=fs,
         failure_config=tune.FailureConfig(max_failures=plan.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=1,
@@ -306,7 +461,7 @@ def _build_tuner(plan: StagePlan, restore: bool) -> tune.Tuner:
             metric="objective",
             mode=plan.mode,
             sampler=_sampler(plan),
-            storage=optuna_storage(Path(plan.out_dir) / "optuna" / f"{plan.stage}.journal"),
+            storage=optuna_storage(plan.out_dir, plan.stage),
             study_name=optuna_study_name(plan),
         )
         scheduler = None

@@ -26,6 +26,14 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # address by the machine's interface address (services.resolve_ip_for_localhost) unless
 # clusters are "disabled", which only makes it use the loopback address for this node.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Credentials of the loopback S3 server (`s3_server`), in the environment as on a real
+# cluster (mmcl reads none from code or study files). Set before any Ray node starts so
+# its workers inherit them; with keys present the AWS SDK never asks the EC2 metadata
+# address (disabled as well: nothing but loopback is addressed).
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "mmcl-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "mmcl-test-secret")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
 def _free_port() -> int:
@@ -80,6 +88,54 @@ def mmcl_cache(tmp_path_factory) -> Path:
     path = Path(os.environ.get("MMCL_CACHE", Path.home() / ".cache" / "mmcl"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1, for the session.
+
+    Yields a function ``bucket(name) -> URI`` that creates a bucket and returns the
+    ``s3://`` URI (with the endpoint options) a study's ``storage:`` would hold. The server
+    process is stopped by its pid at the end."""
+    import signal
+
+    port = _free_port()
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"moto-{port}.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+
+    def listening() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return proc.poll() is not None  # stop waiting if it died
+
+    if not wait_for(listening, timeout=60) or proc.poll() is not None:
+        proc.kill()
+        pytest.fail(f"the moto S3 server did not start on 127.0.0.1:{port} within 60 s (log: {log.name})")
+    options = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+
+    def bucket(name: str) -> str:
+        import pyarrow.fs as pafs
+
+        fs, _ = pafs.FileSystem.from_uri(f"s3://{name}?{options}&allow_bucket_creation=true")
+        fs.create_dir(name)
+        return f"s3://{name}?{options}"
+
+    bucket.endpoint = f"127.0.0.1:{port}"
+    bucket.options = options
+    try:
+        yield bucket
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
 
 
 def mmcl_cmd(*args: str) -> list[str]:

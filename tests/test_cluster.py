@@ -53,3 +53,47 @@ def test_smoke_study_through_ray_job_submit(ray_cluster, tmp_path):
     assert (out / "report.md").exists()
     # The job printed the per-stage summary.
     assert "avg" in r.stdout.lower() and "bwt" in r.stdout.lower()
+
+
+def _readme_cluster_command() -> str:
+    """The `mmcl run ...` line of the README's "Running on a cluster" block."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Running on a cluster") :]
+    block = section[section.index("```bash") : section.index("```", section.index("```bash") + 7)]
+    lines = [ln.strip() for ln in block.splitlines() if ln.strip().startswith("mmcl run")]
+    assert len(lines) == 1, block
+    return lines[0]
+
+
+def test_kuberay_rayjob_runs_the_readme_command_on_a_bucket():
+    job = yaml.safe_load((REPO / "k8s" / "rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    assert spec["entrypoint"] == _readme_cluster_command()
+    # Pods share no disk: the entrypoint's output is a bucket, and the study it names exists.
+    args = spec["entrypoint"].split()
+    assert args[args.index("--output") + 1].startswith("s3://")
+    from mmcl.spec import load_study
+
+    load_study(REPO / args[2])
+    cluster = spec["rayClusterSpec"]
+    import ray
+
+    assert cluster["rayVersion"] == ray.__version__
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0" and head["rayStartParams"]["num-gpus"] == "0"
+    workers = cluster["workerGroupSpecs"]
+    gpu = [w for w in workers if w["rayStartParams"].get("num-gpus", "0") != "0"]
+    assert gpu, "a GPU worker group is needed"
+    for group in [head, *workers]:
+        for c in group["template"]["spec"]["containers"]:
+            # Credentials from a Secret, never written into the manifest.
+            assert any("secretRef" in e for e in c.get("envFrom", [])), c["name"]
+            assert not any(e.get("name", "").startswith("AWS_") and "value" in e for e in c.get("env", []))
+    for w in gpu:
+        res = w["template"]["spec"]["containers"][0]["resources"]
+        assert res["limits"]["nvidia.com/gpu"] == w["rayStartParams"]["num-gpus"]
+
+
+def test_cluster_yaml_names_the_readme_command():
+    assert _readme_cluster_command().split(" --output")[0] in (REPO / "cluster.yaml").read_text()

@@ -1,0 +1,287 @@
+"""Studies on a real 2-node Ray cluster on loopback: a head that offers no CPU (so no
+trial runs where the driver is) and a worker node. Where the test is about a cluster
+without a shared disk, the worker node runs in its own mount namespace with a tmpfs over
+the driver's results directory: it sees its own empty disk there, as a node of a real
+cluster without NFS does. Every process the tests start is stopped by its process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mmcl.storage import Storage
+
+from .conftest import REPO, _free_port, mmcl_cmd, wait_for
+from .helpers import tiny_study
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _can_unshare() -> bool:
+    try:
+        return subprocess.run(["unshare", "-m", "--propagation", "private", "true"], timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+class LoopbackCluster:
+    """Head (0 CPU) + worker nodes, each `ray start --block` in its own process group."""
+
+    def __init__(self, tmp: Path):
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        # Ray's socket paths must stay short.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))
+        self.log_dir = tmp
+        self.procs: list[subprocess.Popen] = []
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def _spawn(self, cmd: list[str], name: str, env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "wb")
+        p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def start_head(self) -> None:
+        self._spawn(
+            [RAY, "start", "--head", "--block", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+             "--num-cpus=0", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
+             f"--temp-dir={self.temp_dir}"],
+            "head", {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+        )  # fmt: skip
+        self.wait_nodes(1)
+
+    def add_worker(self, name: str, private_dir: Path | None = None, cpus: int = 2) -> subprocess.Popen:
+        node = [sys.executable, str(REPO / "tests" / "ray_node.py"), "start", f"--address={self.address}",
+                "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=0", "--disable-usage-stats",
+                "--block"]  # fmt: skip
+        if private_dir is not None:
+            private_dir.mkdir(parents=True, exist_ok=True)
+            # The node's own disk at the driver's results path (an empty tmpfs).
+            node = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                    'mount -t tmpfs tmpfs "$0" && exec "$@"', str(private_dir), *node]  # fmt: skip
+        before = len(self.alive_nodes())
+        p = self._spawn(node, name, {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
+        self.wait_nodes(before + 1)
+        return p
+
+    def alive_nodes(self) -> list[dict]:
+        """Alive nodes as the GCS reports them (asked from a short-lived driver)."""
+        code = (
+            "import json, ray; ray.init(address=%r, log_to_driver=False);"
+            "print(json.dumps([{'id': n['NodeID'], 'cpu': n['Resources'].get('CPU', 0)} "
+            "for n in ray.nodes() if n['Alive']]))" % self.address
+        )
+        r = subprocess.run([sys.executable, "-c", code], env={**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        return json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 and r.stdout.strip() else []
+
+    def wait_nodes(self, n: int, timeout: float = 120) -> None:
+        if not wait_for(lambda: len(self.alive_nodes()) == n, timeout=timeout, interval=2):
+            logs = "\n".join(f.name + ": " + f.read_text()[-1500:] for f in self.log_dir.glob("*.log"))
+            pytest.fail(f"the cluster did not reach {n} alive node(s) within {timeout:.0f} s\n{logs}")
+
+    def kill_node(self, proc: subprocess.Popen) -> None:
+        """SIGKILL the node started as ``proc``, its raylet and every process on it (its
+        trials' workers) at once: a machine lost, not a graceful stop."""
+        import psutil
+
+        procs = psutil.Process(proc.pid).children(recursive=True)
+        assert any(c.name() == "raylet" for c in procs), "no raylet under that node's process"
+        for c in sorted(procs, key=lambda c: c.name() != "raylet"):  # the raylet first
+            try:
+                c.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        self._stop(proc)
+
+    def _stop(self, p: subprocess.Popen) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                p.wait(timeout=15)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            self._stop(p)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = LoopbackCluster(tmp_path)
+    try:
+        c.start_head()
+        yield c
+    finally:
+        c.stop()
+
+
+def _driver_env(cluster: LoopbackCluster, **extra: str) -> dict[str, str]:
+    return {**cluster.env, "RAY_ADDRESS": cluster.address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **extra}
+
+
+def _orders_study(path: Path, steps: int) -> Path:
+    # Two fixed trials (default and reversed order), 3 tasks, random-init tiny CLIP.
+    return tiny_study(path, [{"name": "orders", "kind": "orders", "seeds": [0]}], num_tasks=3, steps=steps)
+
+
+def _assert_complete_rows(res, n_tasks: int = 3) -> None:
+    acc, trials = res.accuracy, res.trials
+    assert (trials.status == "completed").all(), trials[["trial_id", "status", "error"]]
+    assert not acc.duplicated(["stage", "trial_id", "step", "eval_task"]).any()
+    assert set(acc.trial_id) == set(trials.trial_id)
+    for tid in trials.trial_id:
+        rows = acc[acc.trial_id == tid]
+        assert sorted(rows.step.unique()) == list(range(n_tasks + 1)) and len(rows) == (n_tasks + 1) * n_tasks
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs mount namespaces (unshare -m) to give a node its own disk")
+def test_local_storage_without_a_shared_disk_is_refused_before_any_trial(cluster, tmp_path):
+    disk = tmp_path / "driver-disk"
+    cluster.add_worker("worker", private_dir=disk)
+    study = _orders_study(tmp_path / "s.yaml", steps=2)
+    out = disk / "results" / "tiny"
+    t0 = time.monotonic()
+    r = subprocess.run(mmcl_cmd("run", str(study), "--output", str(out)), env=_driver_env(cluster),
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"storage: {out} is a local path" in r.stderr and "does not see the driver's files" in r.stderr
+    assert "fix: set `storage:`" in r.stderr and "s3://" in r.stderr
+    assert "Traceback" not in r.stderr
+    # Refused before any trial: no part, no Tune experiment, on either disk.
+    assert not (out / "parts").exists() and not (out / "ray").exists()
+    assert time.monotonic() - t0 < 120
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs mount namespaces (unshare -m) to give a node its own disk")
+def test_bucket_storage_brings_every_row_to_the_driver(cluster, tmp_path, s3_server):
+    disk = tmp_path / "driver-disk"
+    cluster.add_worker("worker", private_dir=disk)
+    bucket = s3_server(f"b-{uuid.uuid4().hex[:12]}")
+    out = Storage.open(bucket) / "studies" / "tiny"
+    study = _orders_study(tmp_path / "s.yaml", steps=2)
+    r = subprocess.run(mmcl_cmd("run", str(study), "--output", out.uri), env=_driver_env(cluster), cwd=disk,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    import analysis
+
+    res = analysis.load(out.uri)
+    assert len(res.trials) == 2
+    _assert_complete_rows(res)
+    # Every trial ran on the worker node (the head offers no CPU), none on the driver's.
+    assert res.trials["env/node_id"].nunique() == 1
+    assert out.is_file("report.md") and out.list_files("ray/orders")  # Tune's checkpoints too
+    assert not list(disk.rglob("*.parquet"))
+    rep = subprocess.run(mmcl_cmd("report", out.uri), capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0 and "Study report: tiny" in rep.stdout, rep.stderr[-2000:]
+
+
+def test_worker_node_lost_mid_stage_resumes_on_a_replacement(cluster, tmp_path):
+    """Shared storage (one disk here, as with NFS); the worker node (raylet and trial
+    processes) is SIGKILLed after a trial finished a task; a replacement node joins; the
+    retried trials resume from their checkpoints."""
+    first = cluster.add_worker("worker-a")
+    study = _orders_study(tmp_path / "s.yaml", steps=80)
+    out = tmp_path / "results" / "tiny"
+    log = open(tmp_path / "driver.log", "wb")
+    driver = subprocess.Popen(mmcl_cmd("run", str(study), "--output", str(out)), env=_driver_env(cluster),
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        assert wait_for(lambda: bool(list(out.glob("parts/accuracy/orders/*/step_001.parquet"))), timeout=400,
+                        interval=0.2), (
+            (tmp_path / "driver.log").read_text()[-3000:]
+        )
+        cluster.kill_node(first)
+        cluster.add_worker("worker-b")
+        rc = driver.wait(timeout=600)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        log.close()
+    assert rc == 0, (tmp_path / "driver.log").read_text()[-4000:]
+    import analysis
+
+    res = analysis.load(out)
+    _assert_complete_rows(res)
+    # The lost trials went on from their checkpoints (a finished task), not from scratch.
+    assert (res.trials["resumed_from_task"] >= 1).any(), res.trials[["trial_id", "resumed_from_task"]]
+
+
+def test_driver_killed_then_resumed_from_another_machine_keeps_the_search(ray_cluster, tmp_path, s3_server):
+    """Bucket storage; the driver is SIGKILLed mid-search; `mmcl resume s3://...` from
+    another working directory with another temp dir (another machine's empty disk)
+    finishes the study with every Optuna trial of the first driver still in the journal."""
+    import optuna
+
+    from mmcl.tune import optuna_storage
+
+    bucket = s3_server(f"b-{uuid.uuid4().hex[:12]}")
+    out = Storage.open(bucket) / "tiny"
+    study = tiny_study(
+        tmp_path / "s.yaml",
+        [{"name": "search", "kind": "search", "search_space": "finetune", "num_samples": 3,
+          "scheduler": {"kind": "fifo"}, "sampler_seed": 1}],
+        num_tasks=3, steps=12, max_concurrent=1,
+    )  # fmt: skip
+    first_disk, second_disk = tmp_path / "machine-a", tmp_path / "machine-b"
+    for d in (first_disk, second_disk):
+        (d / "tmp").mkdir(parents=True)
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"]}
+    log = open(tmp_path / "driver.log", "wb")
+    driver = subprocess.Popen(mmcl_cmd("run", str(study), "--output", out.uri), cwd=first_disk,
+                              env={**env, "TMPDIR": str(first_disk / "tmp")}, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)  # fmt: skip
+
+    def told() -> list:
+        if not out.is_file("optuna/search.journal"):
+            return []
+        s = optuna.load_study(study_name="tiny.search", storage=optuna_storage(out.uri, "search"))
+        return [t for t in s.trials if t.state.is_finished()]
+
+    try:
+        # A finished trial in the stored journal and Tune's experiment state in the bucket.
+        assert wait_for(lambda: told() and out.list_files("ray/search", suffix=".json"), timeout=400, interval=2), (
+            (tmp_path / "driver.log").read_text()[-3000:]
+        )
+        before = {t.number: t.value for t in told()}
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        log.close()
+    r = subprocess.run(mmcl_cmd("resume", out.uri), cwd=second_disk, env={**env, "TMPDIR": str(second_disk / "tmp")},
+                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert f"restoring stage search from {out.where('ray/search')}" in r.stdout  # Tune's state, from the bucket
+    import analysis
+
+    res = analysis.load(out.uri)
+    assert len(res.trials) == 3
+    _assert_complete_rows(res)
+    after = {t.number: t for t in optuna.load_study(study_name="tiny.search", storage=optuna_storage(out.uri, "search")).trials}
+    for number, value in before.items():
+        assert after[number].value == value  # the first driver's history is kept
+    done = [t for t in after.values() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) >= 3 and {t.user_attrs["ray_trial_id"] for t in done} >= set(res.trials.trial_id)
+    # Nothing of this study is on either machine's disk but the journal mirrors.
+    assert not list(first_disk.rglob("*.parquet")) and not list(second_disk.rglob("*.parquet"))
