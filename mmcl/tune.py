@@ -424,7 +424,8 @@ def _check_trial_storage(plan: StagePlan) -> None:
     ok, text = _read_token(plan.out_dir)
     if not ok or text != plan.storage_token:
         where = f"node {ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:12]})"
-        raise StorageNotShared(_not_shared_message(Storage.open(plan.out_dir), where, text if not ok else "stale"))
+        detail = text if not ok else "it sees another run's token there"
+        raise StorageNotShared(_not_shared_message(Storage.open(plan.out_dir), where, detail))
 
 
 def _build_tuner(plan: StagePlan, restore: bool) -> tune.Tuner:

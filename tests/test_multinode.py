@@ -155,10 +155,16 @@ def _assert_complete_rows(res, n_tasks: int = 3) -> None:
 
 
 @pytest.mark.skipif(not _can_unshare(), reason="needs mount namespaces (unshare -m) to give a node its own disk")
-def test_local_storage_without_a_shared_disk_is_refused_before_any_trial(cluster, tmp_path):
+def test_worker_with_its_own_disk_local_storage_refused_bucket_brings_every_row(cluster, tmp_path, s3_server):
+    """One cluster, two studies: a local --output the worker cannot see is refused before
+    any trial; the same study on a bucket (named by the study's `storage:`) brings every
+    row to the driver's tables and leaves nothing on the driver's disk."""
+    import yaml
+
     disk = tmp_path / "driver-disk"
     cluster.add_worker("worker", private_dir=disk)
     study = _orders_study(tmp_path / "s.yaml", steps=2)
+
     out = disk / "results" / "tiny"
     t0 = time.monotonic()
     r = subprocess.run(mmcl_cmd("run", str(study), "--output", str(out)), env=_driver_env(cluster),
@@ -167,19 +173,16 @@ def test_local_storage_without_a_shared_disk_is_refused_before_any_trial(cluster
     assert f"storage: {out} is a local path" in r.stderr and "does not see the driver's files" in r.stderr
     assert "fix: set `storage:`" in r.stderr and "s3://" in r.stderr
     assert "Traceback" not in r.stderr
-    # Refused before any trial: no part, no Tune experiment, on either disk.
+    # Refused before any trial: no part, no Tune experiment.
     assert not (out / "parts").exists() and not (out / "ray").exists()
     assert time.monotonic() - t0 < 120
 
-
-@pytest.mark.skipif(not _can_unshare(), reason="needs mount namespaces (unshare -m) to give a node its own disk")
-def test_bucket_storage_brings_every_row_to_the_driver(cluster, tmp_path, s3_server):
-    disk = tmp_path / "driver-disk"
-    cluster.add_worker("worker", private_dir=disk)
     bucket = s3_server(f"b-{uuid.uuid4().hex[:12]}")
     out = Storage.open(bucket) / "studies" / "tiny"
-    study = _orders_study(tmp_path / "s.yaml", steps=2)
-    r = subprocess.run(mmcl_cmd("run", str(study), "--output", out.uri), env=_driver_env(cluster), cwd=disk,
+    spec = yaml.safe_load(study.read_text())
+    spec["storage"] = (Storage.open(bucket) / "studies").uri
+    study.write_text(yaml.safe_dump(spec, sort_keys=False))
+    r = subprocess.run(mmcl_cmd("run", str(study)), env=_driver_env(cluster), cwd=disk,
                        capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     import analysis
@@ -200,7 +203,7 @@ def test_worker_node_lost_mid_stage_resumes_on_a_replacement(cluster, tmp_path):
     processes) is SIGKILLed after a trial finished a task; a replacement node joins; the
     retried trials resume from their checkpoints."""
     first = cluster.add_worker("worker-a")
-    study = _orders_study(tmp_path / "s.yaml", steps=80)
+    study = _orders_study(tmp_path / "s.yaml", steps=50)
     out = tmp_path / "results" / "tiny"
     log = open(tmp_path / "driver.log", "wb")
     driver = subprocess.Popen(mmcl_cmd("run", str(study), "--output", str(out)), env=_driver_env(cluster),

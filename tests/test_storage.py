@@ -145,3 +145,39 @@ def test_stale_local_mirror_is_replaced_by_the_stored_journal(s3_server, tmp_pat
     mirror.write_text("left over by another study\n")
     study = optuna.create_study(study_name="x.search", storage=optuna_storage(study_dir.uri, "search"))
     assert study.trials == []
+
+
+def test_a_trial_that_cannot_see_the_drivers_token_refuses_to_train(ray_cluster, tmp_path):
+    """The check each trial makes before training (a node that joined after the driver's
+    check, e.g. autoscaled): run in a Ray task, against a token it sees, a missing one and
+    another run's."""
+    import ray
+
+    from mmcl.spec import load_study
+    from mmcl.study import plan_stage
+    from mmcl.tune import STORAGE_TOKEN_KEY, StorageNotShared, _check_trial_storage, ensure_ray
+
+    from .helpers import tiny_study
+
+    study = load_study(tiny_study(tmp_path / "s.yaml", [{"name": "o", "kind": "orders", "seeds": [0]}]))
+    out = Storage.open(tmp_path / "out")
+    plan = plan_stage(study, 0, out.uri, {})
+    plan.storage_token = "abc"
+    ensure_ray()
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def check(plan_json):
+        from mmcl.study import StagePlan
+
+        try:
+            _check_trial_storage(StagePlan.model_validate_json(plan_json))
+            return "ok"
+        except StorageNotShared as e:
+            return str(e)
+
+    assert "sees no such file" in ray.get(check.remote(plan.model_dump_json()), timeout=120)
+    out.write_text(STORAGE_TOKEN_KEY, "abc")
+    assert ray.get(check.remote(plan.model_dump_json()), timeout=120) == "ok"
+    out.write_text(STORAGE_TOKEN_KEY, "another run")
+    msg = ray.get(check.remote(plan.model_dump_json()), timeout=120)
+    assert f"storage: {out.where()} is a local path" in msg and "another run's token" in msg and "fix:" in msg
