@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Storage.open(args.output) if args.output else Storage.open(study.storage) / study.name
     if out.is_file(STATE_KEY):
         raise SpecError(
-            f"{out.where()} already holds results of a study; continue it with `mmcl resume {out}` "
+            f"{out.where()} already holds results of a study; continue it with `mmcl resume {shlex.quote(out.uri)}` "
             f"or pass another --output"
         )
     run_study(study, out)

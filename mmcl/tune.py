@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -503,7 +504,9 @@ def run_stage(plan: StagePlan, restore: bool = False) -> list[dict[str, Any]]:
         grid = _build_tuner(plan, restore).fit()
     if interrupt.interrupted():
         # Tune marks the trials it cut off TERMINATED: only the signal tells.
-        raise StageInterrupted(f"stage {plan.stage} was stopped by a signal; continue with: mmcl resume {plan.out_dir}")
+        raise StageInterrupted(
+            f"stage {plan.stage} was stopped by a signal; continue with: mmcl resume {shlex.quote(plan.out_dir)}"
+        )
     return _trial_rows(plan, grid)
 
 
@@ -563,7 +566,7 @@ def _trial_rows(plan: StagePlan, grid) -> list[dict[str, Any]]:
     if unfinished or missing > 0:
         raise StageInterrupted(
             f"stage {plan.stage}: {len(unfinished) + max(missing, 0)} of {plan.num_trials} trial(s) did not "
-            f"finish; continue with: mmcl resume {plan.out_dir}"
+            f"finish; continue with: mmcl resume {shlex.quote(plan.out_dir)}"
         )
     return rows
 
