@@ -46,6 +46,9 @@ def test_smoke_study_through_ray_job_submit(ray_cluster, tmp_path):
         time.sleep(5)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "succeeded" in (r.stdout + r.stderr)
+    from .test_shipped_studies import check_smoke_run
+
+    check_smoke_run(REPO / "studies" / "quickstart.yaml", out)  # the shipped-study checks
     trials = pd.read_parquet(out / "trials.parquet")
     acc = pd.read_parquet(out / "accuracy.parquet")
     assert set(trials.stage) == {"search", "ablation", "orders"}
