@@ -19,8 +19,8 @@ A trial writes its part files itself, as soon as a row exists, under a name fixe
 (stage, trial, step): a retried or resumed trial that recomputes a step overwrites the
 same file instead of adding a second one, and a crash between two steps loses nothing
 already written. Every file appears whole or not at all (a rename on a disk, one upload
-on an object store: mmcl.storage), so a reader never sees half a file. Consolidation reads every part and keeps the last copy of
-each key, so even an external copy of a part cannot create duplicates.
+on an object store: mmcl.storage), so a reader never sees half a file. Consolidation
+reads every part and keeps the last copy of each key, so even an external copy of a part cannot create duplicates.
 """
 
 from __future__ import annotations

@@ -36,10 +36,6 @@ if TYPE_CHECKING:
     import pandas as pd
     import pyarrow.fs as pafs
 
-# Schemes pyarrow resolves itself; "file://" is a local path.
-REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
-
-
 class StorageError(ValueError):
     """A storage location that cannot be used (bad URI, no access): message names it."""
 

@@ -125,7 +125,6 @@ def s3_server():
         fs.create_dir(name)
         return f"s3://{name}?{options}"
 
-    bucket.endpoint = f"127.0.0.1:{port}"
     bucket.options = options
     try:
         yield bucket
