@@ -130,24 +130,48 @@ def _part_keys(out: Storage, prefix: str, depth: int, name: str) -> list[str]:
     return keys
 
 
-def consolidate(out: str | Path | Storage) -> dict[str, int]:
-    """Rebuild accuracy / curves / trials.parquet from the parts; returns row counts."""
+def consolidate(out: str | Path | Storage) -> dict[str, Any]:
+    """Rebuild accuracy / curves / trials.parquet from the parts.
+
+    Returns the row count of each table and ``lost_trials``: the ids of trials that
+    wrote rows in a finished stage but are not in its trials table. Such a trial was
+    started by a driver that died before Tune saved its experiment state (Tune saves it
+    every ~10 s); the restored stage never knew it and ran a new trial in its place. Its
+    partial rows stay in ``parts/`` (nothing is deleted) but not in the tables, where
+    they would be rows of a trial that does not exist. A stage that has not finished
+    (no trials table yet) keeps all its rows, to be inspected."""
     out = open_storage(out)
-    counts = {}
-    for table, prefix, depth, name, key, cols in (
-        ("accuracy", "parts/accuracy", 2, "step_", ACCURACY_KEY, ACCURACY_COLUMNS),
-        ("curves", "parts/curves", 2, "task_", CURVES_KEY, None),
-        ("trials", "parts/trials", 0, "", TRIALS_KEY, None),
+    trials = _read_parts(out, _part_keys(out, "parts/trials", 0, ""))
+    known = set(zip(trials.stage, trials.trial_id)) if len(trials) else set()
+    finished = set(trials.stage) if len(trials) else set()
+    counts: dict[str, Any] = {}
+    lost: set[str] = set()
+    for table, prefix, name, key, cols in (
+        ("accuracy", "parts/accuracy", "step_", ACCURACY_KEY, ACCURACY_COLUMNS),
+        ("curves", "parts/curves", "task_", CURVES_KEY, None),
     ):
-        df = _read_parts(out, _part_keys(out, prefix, depth, name))
-        if len(df):
-            df = df.drop_duplicates(subset=key, keep="last")
-            df = df.sort_values(key, kind="stable").reset_index(drop=True)
-        elif cols:
-            df = pd.DataFrame(columns=cols)
-        out.write_parquet(df, f"{table}.parquet")
-        counts[table] = len(df)
+        keys = []
+        for k in _part_keys(out, prefix, 2, name):
+            stage, trial_id = k[len(prefix) + 1 :].split("/")[:2]
+            if stage in finished and (stage, trial_id) not in known:
+                lost.add(f"{stage}/{trial_id}")
+            else:
+                keys.append(k)
+        df = _read_parts(out, keys)
+        counts[table] = _write_table(out, table, df, key, cols)
+    counts["trials"] = _write_table(out, "trials", trials, TRIALS_KEY, None)
+    counts["lost_trials"] = sorted(lost)
     return counts
+
+
+def _write_table(out: Storage, table: str, df: pd.DataFrame, key: list[str], cols: list[str] | None) -> int:
+    if len(df):
+        df = df.drop_duplicates(subset=key, keep="last")
+        df = df.sort_values(key, kind="stable").reset_index(drop=True)
+    elif cols:
+        df = pd.DataFrame(columns=cols)
+    out.write_parquet(df, f"{table}.parquet")
+    return len(df)
 
 
 def git_sha(cwd: str | Path | None = None) -> str:

@@ -503,7 +503,7 @@ def run_study(study: StudySpec, out: Storage, resume: bool = False) -> Storage:
         _mark(out, st.name, started=True)
         rows = run_stage(plan, restore=restore)
         results.write_trials(out, st.name, rows)
-        results.consolidate(out)
+        _consolidate(out)
         top = best_of_stage(plan, rows)
         entry = {"done": True, "started": True, "n_trials": len(rows)}
         if top is not None:
@@ -515,8 +515,21 @@ def run_study(study: StudySpec, out: Storage, resume: bool = False) -> Storage:
             best[st.name] = dict(plan.base_overrides)
             entry["best_overrides"] = best[st.name]
         _mark(out, st.name, **entry)
-    results.consolidate(out)
+    _consolidate(out)
     return out
+
+
+def _consolidate(out: Storage) -> None:
+    from mmcl.results import consolidate
+
+    lost = consolidate(out)["lost_trials"]
+    if lost:
+        print(
+            f"   {len(lost)} trial(s) started by a driver that was lost before Tune saved them "
+            f"({', '.join(lost)}): their partial rows stay in {out.where('parts')} and are not in "
+            "the tables (the resumed stage ran other trials in their place)",
+            flush=True,
+        )
 
 
 def _mark(out: Storage, stage: str, **fields: Any) -> None:

@@ -98,6 +98,24 @@ class ContinualOptunaSearch(OptunaSearch):
         self._ot_study.tell(ot_trial, value, state=state)
         self._completed_trials.add(trial_id)
 
+    def restore(self, checkpoint_path: str) -> None:
+        """Tune's saved searcher, then the journal's trials it never heard of are failed.
+
+        Tune saves its experiment state (this searcher included) every ~10 s, the journal
+        at every ask / tell. A driver that dies between the two leaves journal trials
+        RUNNING that no restored Tune trial will ever finish; optuna-dashboard would show
+        them running forever. They are told FAIL with the user attribute
+        ``lost_with_driver`` (their rows are left out of the tables: mmcl.results.consolidate).
+        """
+        import optuna
+
+        super().restore(checkpoint_path)
+        live = {t.number for t in self._ot_trials.values()}
+        for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if t.number not in live:
+                self._ot_study._storage.set_trial_user_attr(t._trial_id, "lost_with_driver", True)
+                self._ot_study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+
 
 class SyncedJournalBackend(BaseJournalBackend):
     """Optuna journal of a search stage whose study storage is a bucket.

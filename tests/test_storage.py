@@ -92,13 +92,32 @@ def test_consolidate_and_analysis_load_on_both_media(store):
     w.write_step(end(1, [50.0, 20.0]))
     w.write_step(end(1, [50.0, 20.0]))  # a retry rewrites step 1
     write_trials(store, "search", [{"study": "tiny", "stage": "search", "trial_id": "tr1", "status": "completed"}])
-    assert consolidate(store) == {"accuracy": 4, "curves": 0, "trials": 1}
+    assert consolidate(store) == {"accuracy": 4, "curves": 0, "trials": 1, "lost_trials": []}
     res = analysis.load(store.uri)
     assert len(res.accuracy) == 4 and not res.accuracy.duplicated(["trial_id", "step", "eval_task"]).any()
     assert res.study == "tiny" and res.trials.trial_id.tolist() == ["tr1"]
     assert str(res.path) == (str(store.local_path) if store.local else store.uri)
     with pytest.raises(FileNotFoundError, match="not a results directory"):
         analysis.load(store / "elsewhere")
+
+
+def test_rows_of_a_trial_the_restored_stage_never_knew_stay_out_of_the_tables(store):
+    """A driver died after trial tr2 wrote a row but before Tune saved tr2: the restored
+    stage's trials table lacks it. Its rows would be a trial that does not exist in the
+    tables, so they stay in parts/ only; a stage still running keeps all its rows."""
+    from mmcl.results import ACCURACY_COLUMNS, consolidate, write_trials
+
+    def row(stage, trial_id):
+        return pd.DataFrame([dict.fromkeys(ACCURACY_COLUMNS, 0) | {"stage": stage, "trial_id": trial_id, "eval_task": "t0"}])
+
+    for stage, trial_id in (("search", "tr1"), ("search", "tr2"), ("orders", "tr9")):
+        store.write_parquet(row(stage, trial_id), f"parts/accuracy/{stage}/{trial_id}/step_000.parquet")
+    write_trials(store, "search", [{"study": "tiny", "stage": "search", "trial_id": "tr1", "status": "completed"}])
+    counts = consolidate(store)
+    assert counts["lost_trials"] == ["search/tr2"]
+    acc = store.read_parquet("accuracy.parquet")
+    assert sorted(zip(acc.stage, acc.trial_id)) == [("orders", "tr9"), ("search", "tr1")]
+    assert store.is_file("parts/accuracy/search/tr2/step_000.parquet")  # nothing deleted
 
 
 def test_search_journal_on_a_bucket_survives_a_new_driver_machine(s3_server, tmp_path, monkeypatch):

@@ -52,6 +52,35 @@ def test_stopped_trial_reaches_optuna_as_pruned_not_complete(searcher_cls):
     assert trials[0].user_attrs["ray_trial_id"] == "t1"
 
 
+def test_journal_trials_a_restored_searcher_never_heard_of_are_failed(tmp_path):
+    """The driver saved the searcher (as Tune does, every ~10 s), asked Optuna for one
+    more trial and died. Restored, that trial would stay RUNNING in the journal forever;
+    it is told FAIL and marked, and the trials the searcher knew are untouched."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    def searcher():
+        storage = JournalStorage(JournalFileBackend(str(tmp_path / "s.journal")))
+        s = ContinualOptunaSearch(space=_space, metric="objective", mode="max", storage=storage, study_name="x")
+        s.set_search_properties("objective", "max", {})
+        return s
+
+    first = searcher()
+    first.suggest("t1")
+    first.on_trial_complete("t1", result={"task": 3, "n_tasks": 3, "objective": 50.0, "error": ""})
+    first.suggest("t2")  # running when Tune saves
+    first.save(str(tmp_path / "searcher.pkl"))
+    first.suggest("t3")  # asked after the save: the driver dies here
+    second = searcher()
+    second.restore(str(tmp_path / "searcher.pkl"))
+    by_ray_id = {t.user_attrs["ray_trial_id"]: t for t in optuna.load_study(study_name="x", storage=second._ot_study._storage).trials}
+    assert by_ray_id["t3"].state == optuna.trial.TrialState.FAIL and by_ray_id["t3"].user_attrs["lost_with_driver"]
+    assert by_ray_id["t2"].state == optuna.trial.TrialState.RUNNING  # Tune resumes it
+    assert by_ray_id["t1"].state == optuna.trial.TrialState.COMPLETE
+    second.on_trial_complete("t2", result={"task": 3, "n_tasks": 3, "objective": 60.0, "error": ""})
+    assert optuna.load_study(study_name="x", storage=second._ot_study._storage).best_value == 60.0
+
+
 def test_search_stage_with_asha_on_ray(ray_cluster, tmp_path):
     """Sequential trials with a fixed sampler seed: deterministic, and ASHA stops some."""
     study = tiny_study(
