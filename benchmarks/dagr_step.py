@@ -27,6 +27,8 @@ import statistics
 import time
 from contextlib import nullcontext
 
+from _figures import peak_mb, reset_peak, write_json
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="write the figures (and each variant's peak device memory) here")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also print torch.profiler's N most expensive ops of a DIKI and a DAGR step")
     args = ap.parse_args()
@@ -132,9 +135,12 @@ def main() -> None:
     # The DAGR step must carry its graph terms (else this measures DIKI twice).
     assert {"edge", "multi", "path"} <= set(variants["dagr"][0](batch)), "DAGR graph terms missing"
 
+    peaks: dict[str, float] = {}
+
     def timed_steps(name: str, n: int) -> float:
         loss_fn, params = variants[name]
         opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+        reset_peak(dev)
         for i in range(args.warmup + n):
             if i == args.warmup:
                 sync()
@@ -145,6 +151,7 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
         sync()
+        peaks[name] = max(peaks.get(name, 0.0), peak_mb(dev))
         return (time.perf_counter() - t0) / n * 1e3
 
     rounds: dict[str, list[float]] = {k: [] for k in variants}
@@ -163,6 +170,13 @@ def main() -> None:
     print(f"DAGR / floor throughput: {100 * sps['dagr'] / sps['floor']:.1f}% (target >= 85%)   "
           f"DAGR vs DIKI: {100 * (ms['dagr'] / ms['diki'] - 1):+.1f}% step time (target <= +15%)   "
           f"DIKI / floor: {100 * sps['diki'] / sps['floor']:.1f}%   [median of {args.repeats} rounds of {args.steps} steps]")
+    if dev.type == "cuda":
+        print("peak device memory (MiB): " + "  ".join(f"{k} {peaks[k]:.0f}" for k in variants))
+    write_json(args.json, {
+        "benchmark": "dagr_step", "model": args.model, "batch": args.batch, "device": args.device, "amp": args.amp,
+        "ms_per_step": ms, "samples_per_s": sps, "peak_memory_mb": peaks, "graph_bytes": graph_bytes,
+        "dagr_over_floor": sps["dagr"] / sps["floor"], "dagr_vs_diki": ms["dagr"] / ms["diki"] - 1,
+    })  # fmt: skip
 
     if args.profile:
         # Where DAGR's extra time goes: the ops of a few steps, DIKI's beside DAGR's.

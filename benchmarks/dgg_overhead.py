@@ -19,6 +19,8 @@ import statistics
 import time
 from contextlib import nullcontext
 
+from _figures import peak_mb, reset_peak, write_json
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,6 +35,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="write the figures (and each variant's peak device memory) here")
     args = ap.parse_args()
 
     import torch
@@ -83,9 +86,12 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    def timed_steps(prep, n: int) -> float:
+    peaks: dict[str, float] = {}
+
+    def timed_steps(name: str, prep, n: int) -> float:
         method = prep.method
         opt = torch.optim.AdamW(method.trainable_parameters(), lr=1e-4)
+        reset_peak(dev)
         for i in range(args.warmup + n):
             if i == args.warmup:
                 sync()
@@ -97,12 +103,13 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
         sync()
+        peaks[name] = max(peaks.get(name, 0.0), peak_mb(dev))
         return (time.perf_counter() - t0) / n * 1e3
 
     rounds = {"lora": [], "dgg": []}
     for _ in range(args.repeats):  # alternate so drifting machine load hits both alike
-        rounds["lora"].append(timed_steps(plain, args.steps))
-        rounds["dgg"].append(timed_steps(dgg, args.steps))
+        rounds["lora"].append(timed_steps("lora", plain, args.steps))
+        rounds["dgg"].append(timed_steps("dgg", dgg, args.steps))
     ms = {k: statistics.median(v) for k, v in rounds.items()}
 
     # The guidance operation alone, on gradients of the real shapes.
@@ -126,6 +133,13 @@ def main() -> None:
     print(f"{'DGG (alpha = 1)':<24}{ms['dgg']:10.2f}")
     print(f"overhead: {100 * (ms['dgg'] / ms['lora'] - 1):+.1f}%   guidance op alone: {op_ms:.3f} ms "
           f"({100 * op_ms / ms['lora']:.1f}% of a LoRA step)   [median of {args.repeats} rounds of {args.steps} steps]")
+    if dev.type == "cuda":
+        print(f"peak device memory (MiB): LoRA {peaks['lora']:.0f}  DGG {peaks['dgg']:.0f}")
+    write_json(args.json, {
+        "benchmark": "dgg_overhead", "model": args.model, "batch": args.batch, "device": args.device, "amp": args.amp,
+        "rank": args.rank, "ms_per_step": ms, "overhead": ms["dgg"] / ms["lora"] - 1, "guidance_op_ms": op_ms,
+        "peak_memory_mb": peaks,
+    })  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ as a fraction of a task's training time.
 
     uv run python benchmarks/gen_step.py                                   # tiny BLIP-2, CPU
     python benchmarks/gen_step.py --path /models/blip2-opt-2.7b --device cuda --amp bf16 --batch 16
+    python benchmarks/vlm_shapes.py llava-1.5-7b /tmp/llava && python benchmarks/gen_step.py \
+        --kind llava --path /tmp/llava --random-weights --methods gen_dgg --device cuda --amp bf16 --batch 16
 
 Runs each method (default: gen_adapter, gen_dgg, eca) through the real engine
 (``run_continual``) on the study's run block (``studies/eca_quickstart.yaml`` unless
@@ -36,6 +38,9 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=3)
     ap.add_argument("--eval-samples", type=int, default=8, help="test samples per task (kept small: not timed)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--kind", default=None, choices=["blip2", "llava"], help="backbone kind (default: the study's)")
+    ap.add_argument("--random-weights", action="store_true", help="build --path's config with random weights")
+    ap.add_argument("--json", default=None, help="write the figures to this file")
     args = ap.parse_args()
 
     import torch
@@ -59,7 +64,14 @@ def main() -> None:
         ov["backbone.path"] = args.path
     if args.batch:
         ov["training.batch_size"] = args.batch
+    if args.kind:
+        ov["backbone.kind"] = args.kind
+        # The kind's prompt format (the study's is BLIP-2's).
+        ov["backbone.prompt_format"] = "USER: {prompt} ASSISTANT:" if args.kind == "llava" else "Question: {prompt} Answer:"
+    if args.random_weights:
+        ov["backbone.random_weights"] = True
     base = apply_overrides(base, ov)
+    figures: dict[str, dict] = {}
 
     print(f"backbone {base.backbone.kind} {base.backbone.path}  device {args.device}  amp {args.amp}  "
           f"batch {base.training.batch_size}  {args.steps} steps x {args.tasks} tasks")
@@ -82,6 +94,9 @@ def main() -> None:
 
         for hook in boundary:  # time the method's task-boundary work, not evaluation
             setattr(cls, hook, timed(hook))
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         try:
             ends = []
             run_continual(run, on_task_end=ends.append)
@@ -102,6 +117,20 @@ def main() -> None:
         for t, tr in enumerate(train):
             b, a = before[t], after[t]
             print(f"  {t:<6}{tr:9.2f}{b:15.2f}{a:14.2f}{100 * (b + a) / tr:17.1f}%")
+        peak = ends[-1].peak_memory_mb
+        print(f"  peak memory {peak:.0f} MiB ({'device' if args.device == 'cuda' else 'process RSS'})")
+        figures[name] = {
+            "samples_per_s": statistics.median(rates),
+            "boundary_over_train": sum(before + after) / sum(train),
+            "peak_memory_mb": peak,
+            "trainable_params": ends[-1].trainable_params,
+        }
+    if args.json:
+        import json
+
+        meta = {"kind": base.backbone.kind, "path": base.backbone.path, "device": args.device, "amp": args.amp,
+                "batch": base.training.batch_size, "random_weights": args.random_weights}  # fmt: skip
+        Path(args.json).write_text(json.dumps({"benchmark": "gen_step", **meta, "methods": figures}, indent=2))
 
 
 if __name__ == "__main__":

@@ -490,10 +490,15 @@ class TaskGraph:
         """Bytes of all stored tensors (the per-task memory cost of the method)."""
         return sum(t.numel() * t.element_size() for t in self._all_tensors())
 
-    def to(self, device: torch.device | str) -> TaskGraph:
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TaskGraph:
+        """On ``device``; with ``dtype``, every floating tensor in it too."""
+
+        def move(v: Tensor) -> Tensor:
+            return v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device)
+
         return TaskGraph(
-            layers=[LayerGraph(**{k: v.to(device) for k, v in layer.tensors().items()}) for layer in self.layers],
-            transitions=[t.to(device) for t in self.transitions],
+            layers=[LayerGraph(**{k: move(v) for k, v in layer.tensors().items()}) for layer in self.layers],
+            transitions=[move(t) for t in self.transitions],
             config=self.config,
         )
 

@@ -263,7 +263,9 @@ class DAGR(DIKI):
         saves recomputing the softmax; it is only the graph's at ``beta = 1``."""
         prev = task_index - 1
         if self._device_graph is None or self._device_graph[0] != prev:
-            self._device_graph = (prev, self.graphs[prev].to(tokens[0].device))
+            # float32 on the device: the stored float16 centroids would otherwise meet
+            # bf16 activations under autocast, a mix torch's autocast refuses to stack.
+            self._device_graph = (prev, self.graphs[prev].to(tokens[0].device, torch.float32))
         stored = self._device_graph[1]
         cfg = self.config
         current = dg.current_graph(tokens, attn, stored, probs if cfg.beta == 1.0 else None)

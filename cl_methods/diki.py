@@ -197,7 +197,8 @@ class DIKI(Method):
             sel = sets == s
             ws = float(w[sel].mean()) if self.config.text_weight == "batch_mean" else 1.0
             head = self.text_head(task, s, ws)
-            out[sel] = scale * feats[sel] @ head.T
+            # Under autocast the product is bf16 / fp16; the scores are kept in fp32.
+            out[sel] = (scale * feats[sel] @ head.T).to(out.dtype)
         return out
 
     # ------------------------------------------------------------------ state

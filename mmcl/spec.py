@@ -59,12 +59,19 @@ class BackboneSpec(Strict):
     # LLaVA-1.5: "USER: <image>\n{prompt} ASSISTANT:" (the image tokens are inserted by
     # the backbone, so leave <image> out: "USER: {prompt} ASSISTANT:").
     prompt_format: str = "{prompt}"
+    # blip2 / llava: build the model from path's config.json with random weights instead
+    # of loading them (path then needs only config.json and the tokenizer's files). For
+    # speed and memory benchmarks of a paper's model shape where its weights are not at
+    # hand (benchmarks/vlm_shapes.py writes such directories); never for results.
+    random_weights: bool = False
 
     @model_validator(mode="after")
     def _kind_fields(self) -> "BackboneSpec":
         if self.kind == "open_clip":
             if self.path is not None:
                 raise ValueError("path: only for kind blip2 / llava; an open_clip checkpoint file goes in 'checkpoint'")
+            if self.random_weights:
+                raise ValueError("random_weights: only for kind blip2 / llava; an open_clip model is random with pretrained: null")
         else:
             if not self.path:
                 raise ValueError(

@@ -196,10 +196,17 @@ def _fault_injection(moment: str, stage: str, trial_id: str, step: int) -> None:
     - ``hang``: after <step> was reported with its checkpoint, write the marker and wait
       (at most 10 minutes), so a test can interrupt the driver while the trial holds a
       checkpoint that Tune has not yet seen the end of (after the last task: a finished
-      run that is not yet TERMINATED).
+      run that is not yet TERMINATED);
+    - ``pause:<stage>:<step>:<seconds>``: every trial of <stage> sleeps <seconds> after
+      reporting <step> (no marker), so a test sees whether two trials ran at once.
     """
     spec = os.environ.get("MMCL_FAULT_INJECT", "")
     kind, _, rest = spec.partition(":")
+    if (kind, moment) == ("pause", "after_report"):
+        f_stage, f_step, seconds = rest.split(":", 2)
+        if f_stage == stage and int(f_step) == step:
+            time.sleep(float(seconds))
+        return
     if (kind, moment) not in (("die", "before_report"), ("hang", "after_report")):
         return
     f_stage, f_step, marker_dir = rest.split(":", 2)

@@ -97,7 +97,7 @@ class LoopbackCluster:
             except ProcessLookupError:
                 return
             try:
-                p.wait(timeout=15)
+                p.wait(timeout=5 if sig == signal.SIGTERM else 15)
                 return
             except subprocess.TimeoutExpired:
                 continue

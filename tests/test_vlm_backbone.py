@@ -150,3 +150,53 @@ def test_tiny_pretraining_lowers_the_loss_and_saves_in_place(tmp_path):
     assert losses[-1] < losses[0] - 1.0  # from ~ln(vocab) toward the answers' prior
     assert (tmp_path / "model.safetensors").read_bytes() != before
     load_backbone(BackboneSpec(kind="blip2", path=str(tmp_path)))  # still loads by path
+
+
+def _vlm_shapes():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module("vlm_shapes")
+
+
+@pytest.mark.parametrize("kind", ["blip2", "llava"])
+def test_random_weights_build_the_model_from_its_config_alone(tmp_path, kind):
+    """A directory with config.json and a tokenizer but no weights: refused by default
+    (naming the key), built with random weights when asked (benchmarks of paper shapes)."""
+    from transformers import Blip2ForConditionalGeneration, LlavaForConditionalGeneration
+
+    d = _vlm_shapes().write_shape(f"tiny-{kind}", tmp_path / "m")
+    assert (d / "config.json").is_file() and not list(d.glob("*.safetensors"))
+    with pytest.raises(SpecError, match="run.backbone.path"):
+        load_backbone(BackboneSpec(kind=kind, path=str(d)))
+    bb = load_backbone(BackboneSpec(kind=kind, path=str(d), random_weights=True))
+    cls = Blip2ForConditionalGeneration if kind == "blip2" else LlavaForConditionalGeneration
+    assert isinstance(bb.model, cls) and not any(p.requires_grad for p in bb.parameters())
+    images = torch.randn(2, 3, 32, 32)
+    loss = bb.lm_loss(images, ["a photo of", "a photo of"], ["a red circle", "a blue square"])
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="random_weights: only for kind blip2 / llava"):
+        BackboneSpec(random_weights=True)
+
+
+def test_paper_shapes_have_the_published_sizes():
+    """BLIP-2 OPT-2.7B and LLaVA-1.5-7B as vlm_shapes.py writes them, built on the meta
+    device: the parameter counts of the published checkpoints (3.74B; 7.06B), and the
+    Q-Former-to-OPT projection ECA trains (768 x 2560 + 2560)."""
+    from transformers import Blip2ForConditionalGeneration, LlavaForConditionalGeneration
+
+    shapes = _vlm_shapes()
+    tok = tiny_tokenizer()
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    counts = {}
+    for shape, cls in (("blip2-opt-2.7b", Blip2ForConditionalGeneration), ("llava-1.5-7b", LlavaForConditionalGeneration)):
+        with torch.device("meta"):
+            m = cls._from_config(shapes.shape_config(shape, len(tok), image_id))
+        counts[shape] = sum(p.numel() for p in m.parameters())
+        if shape.startswith("blip2"):
+            assert sum(p.numel() for p in m.language_projection.parameters()) == 1_968_640
+    assert counts == {"blip2-opt-2.7b": 3_744_679_936, "llava-1.5-7b": 7_063_427_072}

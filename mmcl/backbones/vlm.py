@@ -464,6 +464,16 @@ class VlmBackbone(nn.Module):
         return self.vision(pixel_values=self._pixels(images)).last_hidden_state
 
 
+def _random_model(cls, directory: str, dtype: torch.dtype, device: torch.device, kw: dict) -> nn.Module:
+    """The model of ``directory``'s config.json with random weights, built on ``device`` in
+    ``dtype`` (a 7B model built on the CPU in float32 would take 28 GB and minutes)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory, **kw)
+    with torch.device(device):
+        return cls._from_config(config, dtype=dtype)
+
+
 def load_vlm(spec: BackboneSpec, device: str | torch.device = "cpu") -> VlmBackbone:
     """Load a frozen BLIP-2 / LLaVA and its tokenizer, offline, as ``spec`` says."""
     from transformers import AutoTokenizer, Blip2ForConditionalGeneration, LlavaForConditionalGeneration
@@ -481,7 +491,10 @@ def load_vlm(spec: BackboneSpec, device: str | torch.device = "cpu") -> VlmBackb
     if spec.cache_dir and spec.path not in (TINY, TINY_PRETRAINED):
         kw["cache_dir"] = spec.cache_dir
     try:
-        model = cls.from_pretrained(directory, dtype=_dtype(spec.dtype, device), **kw)
+        if spec.random_weights:
+            model = _random_model(cls, directory, _dtype(spec.dtype, device), device, kw)
+        else:
+            model = cls.from_pretrained(directory, dtype=_dtype(spec.dtype, device), **kw)
         tokenizer = AutoTokenizer.from_pretrained(directory, **kw)
     except (OSError, ValueError, KeyError) as e:
         raise SpecError(f"run.backbone.path: cannot load a {spec.kind} model and tokenizer from {directory!r}: {e}") from None
