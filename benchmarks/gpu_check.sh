@@ -46,7 +46,7 @@ if [[ $DRY -eq 1 ]]; then
   STEP_ARGS=(--steps 2 --warmup 1 --repeats 1)
   DAGR=(--batch 8 "${STEP_ARGS[@]}") DGG=(--batch 8 "${STEP_ARGS[@]}")
   BLIP2=tiny-blip2 LLAVA=tiny-llava GEN=(--batch 4 --steps 2 --tasks 2)
-  LOADER=(--workers 0 1 --per-class 4 --batch 32 --batches 2 --repeats 1)
+  LOADER=(--workers 0 1 --per-class 4 --photo 250x188 --batch 32 --batches 2 --repeats 1)
   TIER_BOUND=900
 else
   DEV=cuda AMP=bf16
