@@ -28,6 +28,7 @@ class LoopbackCluster:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))
         self.log_dir = tmp
         self.procs: list[subprocess.Popen] = []
+        self.n_nodes = 0  # nodes started and not killed: what the GCS should report alive
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
     def _spawn(self, cmd: list[str], name: str, env: dict[str, str]) -> subprocess.Popen:
@@ -44,6 +45,7 @@ class LoopbackCluster:
              f"--temp-dir={self.temp_dir}"],
             "head", {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
         )  # fmt: skip
+        self.n_nodes = 1
         self.wait_nodes(1)
 
     def add_worker(self, name: str, private_dir: Path | None = None, cpus: int = 2) -> subprocess.Popen:
@@ -55,9 +57,9 @@ class LoopbackCluster:
             # The node's own disk at the driver's results path (an empty tmpfs).
             node = ["unshare", "-m", "--propagation", "private", "sh", "-c",
                     'mount -t tmpfs tmpfs "$0" && exec "$@"', str(private_dir), *node]  # fmt: skip
-        before = len(self.alive_nodes())
         p = self._spawn(node, name, {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
-        self.wait_nodes(before + 1)
+        self.n_nodes += 1
+        self.wait_nodes(self.n_nodes)
         return p
 
     def alive_nodes(self) -> list[dict]:
@@ -89,6 +91,10 @@ class LoopbackCluster:
             except psutil.NoSuchProcess:
                 pass
         self._stop(proc)
+        # Until the GCS has marked the node dead (its health checks take seconds), it still
+        # counts as alive: a node added meanwhile would be miscounted.
+        self.n_nodes -= 1
+        self.wait_nodes(self.n_nodes, timeout=120)
 
     def _stop(self, p: subprocess.Popen) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -97,7 +103,7 @@ class LoopbackCluster:
             except ProcessLookupError:
                 return
             try:
-                p.wait(timeout=5 if sig == signal.SIGTERM else 15)
+                p.wait(timeout=15)
                 return
             except subprocess.TimeoutExpired:
                 continue
