@@ -30,8 +30,8 @@ from mmcl.engine import evaluate, prepare, run_continual
 from mmcl.spec import apply_overrides
 
 from .conftest import mmcl_cmd
-from .helpers import tiny_gen_run, tiny_paired_run, tiny_run, tiny_study
-from .test_methods_contract import METHOD_CONFIGS, _same
+from .helpers import tiny_study
+from .test_methods_contract import _contract_run, _same
 
 DEVICE = os.environ.get("MMCL_GPU_TIER_DEVICE", "cuda")
 _AVAILABLE = DEVICE == "cpu" or torch.cuda.is_available()
@@ -43,7 +43,6 @@ pytestmark = [
         "MMCL_GPU_TIER_DEVICE=cpu runs its steps on the CPU)",
     ),
 ]
-_TINY_RUNS = {"clip": tiny_run, "generation": tiny_gen_run, "paired": tiny_paired_run}
 # One method per track: what the dry run inside the CPU suite trains.
 ONE_PER_TRACK = ["finetune", "gen_adapter", "cma"]
 
@@ -61,9 +60,8 @@ def _methods() -> list[str]:
 
 
 def _on_device(name: str, **overrides):
-    cls = get_method_class(name)
-    run = _TINY_RUNS[getattr(cls, "track", "clip")](method=name, config=METHOD_CONFIGS.get(name, {}), num_tasks=2)
-    return apply_overrides(run, {"device": DEVICE, **overrides})
+    # The contract suite's two-task run of the method, on the tier's device.
+    return apply_overrides(_contract_run(name, get_method_class(name)), {"device": DEVICE, **overrides})
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
