@@ -26,7 +26,7 @@ __all__ = ["Results", "load", "cl_metrics", "ACCURACY_COLUMNS", "TRIALS_COLUMNS"
 # without the training stack installed.
 ACCURACY_COLUMNS: list[str] = [
     "study", "stage", "trial_id", "variant", "order_id", "seed", "step", "trained_task",
-    "eval_task", "eval_position", "metric_name", "value", "n_samples",
+    "eval_task", "eval_position", "metric_name", "value", "n_samples", "n_eval",
 ]  # fmt: skip
 METRIC_COLUMNS: list[str] = [
     "avg", "last", "transfer", "bwt", "fwt", "faa", "faa_weighted", "forgetting", "acc_seen",

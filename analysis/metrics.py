@@ -13,8 +13,10 @@ before any training (zero-shot). ``T`` is the number of tasks trained (rows ``1.
   tasks not trained yet (only columns with at least one such row). ZSCL / DIKI, MTIL
   "Transfer".
 - **faa** = mean_{j<=T} R[T][j], final average accuracy on the tasks trained so far;
-  **faa_weighted** weights each task by its test-set size (``n_samples``; NaN when the
-  sizes are unknown); **acc_seen** is an alias of faa.
+  **faa_weighted** weights each task by its full test-set size (``n_samples``; NaN when
+  the sizes are unknown): DGG's FAA. The engine reports the full size also when
+  ``evaluation.max_samples`` scores fewer samples (their count is ``n_eval``), so the
+  weights are the benchmark's, not the cap's. **acc_seen** is an alias of faa.
 - **bwt** = mean_{j<T} (R[T][j] - R[j][j]) (backward transfer, negative = forgetting) and
   **fwt** = mean_{2<=j<=T} (R[j-1][j] - R[0][j]) (forward transfer, with the zero-shot row
   as the reference accuracy): GEM (Lopez-Paz & Ranzato, "Gradient Episodic Memory for
@@ -59,7 +61,8 @@ def matrix_metrics(
     """All metrics of one accuracy matrix.
 
     ``R`` has rows for steps ``0..T`` (``zero_shot=True``) or ``1..T`` (``zero_shot=False``)
-    and one column per task in training order; ``n_samples`` gives each column's test size.
+    and one column per task in training order; ``n_samples`` gives each column's full
+    test-set size (not the number scored under ``evaluation.max_samples``).
     Returns the :data:`METRIC_NAMES` plus ``n_tasks_trained`` (= T).
     """
     arr = np.asarray(R, dtype=float)

@@ -56,14 +56,18 @@ class Expert(nn.Module):
 
 
 class CrossModalMoE(nn.Module):
-    """A mixture of ``n_experts`` experts with a top-k gate, for one MM block.
+    """A mixture of experts with a top-k gate, for one MM block.
 
     Gate: the tokens of each modality are averaged, layer-normalised (no affine: the
     modalities' scales differ) and concatenated; a linear map gives one logit per expert;
     the top ``top_k`` logits are softmax-normalised (the others weigh exactly 0), per
     sample. Only experts some sample of the batch selected are run.
 
-    ``frozen[e]`` marks experts frozen after earlier tasks; they still run when selected.
+    ``frozen[e]`` marks experts frozen after earlier tasks (``requires_grad`` False, so
+    they are never handed to an optimizer); they still run when selected. :meth:`grow`
+    appends experts, and a gate chunk of logits for them, without touching the existing
+    ones: the original ``gate`` Linear computes the first experts' logits exactly as
+    before, the grown chunks (``gate_growth``) the new experts'.
     """
 
     def __init__(self, widths: dict[str, int], n_experts: int, top_k: int, r: int, cross_modal: bool):
@@ -72,7 +76,12 @@ class CrossModalMoE(nn.Module):
             raise ValueError(f"top_k must be in 1..experts ({n_experts}), got {top_k}")
         self.widths = dict(widths)
         self.top_k = top_k
+        self.r, self.cross_modal = r, cross_modal
         self.gate = nn.Linear(sum(widths.values()), n_experts)
+        # One Linear per growth step (logits of the experts it added). Separate modules,
+        # not a wider copy of ``gate``: a matmul of another shape may round differently,
+        # and old routing must stay bit-identical.
+        self.gate_growth = nn.ModuleList()
         self.experts = nn.ModuleList([Expert(widths, r, cross_modal) for _ in range(n_experts)])
         self.register_buffer("frozen", torch.zeros(n_experts, dtype=torch.bool))
 
@@ -80,21 +89,39 @@ class CrossModalMoE(nn.Module):
     def n_experts(self) -> int:
         return len(self.experts)
 
-    def gate_weights(self, h: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sparse gate weights [N, E]: exactly ``top_k`` positive entries per row, summing to 1."""
+    def gate_input(self, h: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the gate sees [N, sum of widths]: per modality the token mean, layer-normalised."""
         x = torch.cat([F.layer_norm(h[m].mean(1).float(), (d,)) for m, d in self.widths.items()], -1)
-        logits = self.gate(x.to(self.gate.weight.dtype)).float()
-        top = logits.topk(self.top_k, dim=-1)
+        return x.to(self.gate.weight.dtype)
+
+    def gate_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense gate logits [N, E] (float32) of gate inputs ``x``."""
+        logits = self.gate(x)
+        if len(self.gate_growth):
+            logits = torch.cat([logits] + [g(x) for g in self.gate_growth], -1)
+        return logits.float()
+
+    @staticmethod
+    def sparse_weights(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+        top = logits.topk(top_k, dim=-1)
         return torch.zeros_like(logits).scatter(-1, top.indices, torch.softmax(top.values, -1))
 
-    def forward(self, h: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        w = self.gate_weights(h)
+    def gate_weights(self, h: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sparse gate weights [N, E]: exactly ``top_k`` positive entries per row, summing to 1."""
+        return self.sparse_weights(self.gate_logits(self.gate_input(h)), self.top_k)
+
+    def forward(self, h: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(hidden states with the adapter's output added, {"weights": sparse gate weights
+        [N, E], "logits": gate logits [N, E], "inputs": gate inputs [N, D]})."""
+        x = self.gate_input(h)
+        logits = self.gate_logits(x)
+        w = self.sparse_weights(logits, self.top_k)
         out = dict(h)
         for e in torch.nonzero((w > 0).any(0)).flatten().tolist():
             delta = self.experts[e](h)
             we = w[:, e].view(-1, 1, 1)
             out = {m: out[m] + (we * delta[m]).to(out[m].dtype) for m in out}
-        return out, w
+        return out, {"weights": w, "logits": logits, "inputs": x}
 
     def set_frozen(self, idx: list[int]) -> None:
         for e in idx:
@@ -105,6 +132,33 @@ class CrossModalMoE(nn.Module):
         for e, expert in enumerate(self.experts):
             for p in expert.parameters():
                 p.requires_grad_(not bool(self.frozen[e]))
+
+    def grow(self, n: int, weight: torch.Tensor | None = None, bias: float = 0.0) -> list[int]:
+        """Append ``n`` fresh trainable experts; returns their indices.
+
+        Every new expert gets the gate row ``weight`` (zeros if None) and bias ``bias``:
+        an input whose k-th largest old logit is above ``weight . x + bias`` keeps exactly
+        its old top-k and weights (the caller picks them so for the inputs it measured).
+        The new rows train like the rest of the gate once an input selects a new expert.
+        """
+        if n <= 0:
+            return []
+        ref = self.gate.weight
+        chunk = nn.Linear(self.gate.in_features, n, device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            chunk.weight.copy_(torch.zeros_like(chunk.weight) if weight is None else weight.expand_as(chunk.weight))
+            chunk.bias.fill_(bias)
+        self.gate_growth.append(chunk)
+        start = self.n_experts
+        for _ in range(n):
+            self.experts.append(Expert(self.widths, self.r, self.cross_modal).to(device=ref.device, dtype=ref.dtype))
+        self.frozen = torch.cat([self.frozen, torch.zeros(n, dtype=torch.bool, device=self.frozen.device)])
+        self.apply_frozen()
+        return list(range(start, self.n_experts))
+
+    def growth_sizes(self) -> list[int]:
+        """Experts added by each growth step (saved, so a resume can rebuild the blocks)."""
+        return [g.out_features for g in self.gate_growth]
 
 
 class GrowingHead(nn.Module):
@@ -189,25 +243,43 @@ class PairedModel(nn.Module):
         self.head = GrowingHead(joint_dim, num_classes)
 
     def forward(self, backbone, batch: dict) -> dict:
-        """{"u": {modality: [N, d]}, "joint": [N, d], "gates": [B x [N, E]]}."""
+        """{"u": {modality: [N, d]}, "joint": [N, d], "gates": [B x [N, E_b]],
+        "gate_logits": [B x [N, E_b]], "gate_inputs": [B x [N, D]]} (E_b: block b's experts,
+        grown ones included)."""
         encs = backbone.encoders
         h = {m: encs[m].embed(batch[m]) for m in self.modalities}
         done = {m: 0 for m in self.modalities}
-        gates = []
+        gates, gate_logits, gate_inputs = [], [], []
         for b, block in enumerate(self.blocks):
             for m in self.modalities:
                 for i in range(done[m], self.layer_at[m][b] + 1):
                     h[m] = encs[m].layer(i, h[m])
                 done[m] = self.layer_at[m][b] + 1
-            h, w = block(h)
-            gates.append(w)
+            h, g = block(h)
+            gates.append(g["weights"])
+            gate_logits.append(g["logits"])
+            gate_inputs.append(g["inputs"])
         for m in self.modalities:
             for i in range(done[m], encs[m].num_layers):
                 h[m] = encs[m].layer(i, h[m])
         u = {m: self.proj[m](encs[m].pool(h[m]).float()) for m in self.modalities}
+        return {"u": u, "joint": self.fuse(u), "gates": gates, "gate_logits": gate_logits, "gate_inputs": gate_inputs}
+
+    def fuse(self, u: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The joint representation of the modality embeddings ``u`` (every modality)."""
         cat = torch.cat([u[m] for m in self.modalities], -1)
-        joint = torch.stack([u[m] for m in self.modalities]).mean(0) + self.fusion(cat)
-        return {"u": u, "joint": joint, "gates": gates}
+        return torch.stack([u[m] for m in self.modalities]).mean(0) + self.fusion(cat)
+
+    def joint_without(self, u: dict[str, torch.Tensor], m: str) -> torch.Tensor:
+        """The joint representation of the modalities other than ``m``: :meth:`fuse` with
+        ``m``'s embedding replaced by the mean of the others' (with two modalities, the
+        joint of the other one alone). It does not depend on ``u[m]`` at all."""
+        others = [o for o in self.modalities if o != m]
+        if not others:
+            raise ValueError("the joint of the other modalities needs at least two modalities")
+        filled = dict(u)
+        filled[m] = torch.stack([u[o] for o in others]).mean(0)
+        return self.fuse(filled)
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:

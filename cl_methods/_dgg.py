@@ -8,10 +8,13 @@ BLIP-2's adapters) are this mixin in front of their base method::
 
     class DGG(GuidedReplay, LoraFinetune): ...
 
-- after each backward, with probability alpha the capped pull toward the previous task's
-  optimum (theta_star, snapshotted at every task end) is added to the gradient;
+- at every step, once the engine has clipped the real gradient (hook ``after_clip``),
+  with probability alpha the capped pull toward the previous task's optimum (theta_star,
+  snapshotted at every task end) is added to it, the norms taken over all trainable
+  tensors as one vector (``norm: global``; ``per_tensor`` as an option);
 - the engine batches the current task's data together with the buffer, each sample
-  scored on its own task by the base method's loss;
+  scored on its own task by the base method's loss; the gradient whose norm caps the
+  pull is this mixed batch's, so replayed samples enter it;
 - ``buffer_size`` counts per task (``buffer_size_per: task``, DGG's "0.5k per task") or
   in all.
 
@@ -37,8 +40,10 @@ class DGGSettings(MethodConfig):
 
     # Probability of guiding a step: one value, or one per task from the second task on.
     alpha: float | list[float] = 0.2
-    scale: bool = True
-    norm: NormMode = "per_tensor"
+    scale: bool = True  # cap ||g_hat|| at the real gradient's norm (off: ablation no_scaling)
+    # Norms and cap over all trainable tensors as one vector ("global", the paper's
+    # formula) or per parameter tensor ("per_tensor"); see cl_methods/_guidance.py.
+    norm: NormMode = "global"
     buffer_size: int = Field(default=500, ge=0)  # per task by default: DGG's VQAv2 setting (0.5k)
     buffer_size_per: SizePer = "task"
     strategy: Strategy = "per_task"
@@ -77,8 +82,9 @@ class GuidedReplay:
         current = super().train_dataset(task_index)
         return ConcatDataset([current, self.buffer]) if len(self.buffer) else current
 
-    def after_backward(self, step):
-        super().after_backward(step)
+    def after_clip(self, step):
+        # After clipping: the clip bounds the real gradient only, never the pull.
+        super().after_clip(step)
         self.guide.apply()
 
     def after_task(self, task_index, task):

@@ -20,9 +20,15 @@ block coordinate descent over the atoms::
 
     u_j = (b_j - D^T a_j) / A_jj + d_j ;   d_j = u_j / max(||u_j||, 1)
 
-Atoms no sample has used yet (``A_jj = 0``) are left as they are. The first mini-batch
-initialises the atoms from random samples (normalised), topped up with random unit
-vectors when there are fewer samples than atoms.
+Atoms that no code has used yet (``A_jj <= 1e-6``, the threshold of ECA's learner and
+of scikit-learn / SPAMS) are re-drawn at every step from the step's data: a random sample
+plus Gaussian noise of 1% of its standard deviation (so the coding stays well
+conditioned), projected to norm <= 1, as ECA's ``_update_dict`` does. So no replayed atom
+is a never-updated random vector: the first mini-batch initialises the atoms from random
+samples (normalised) [choice: ECA starts from a random orthogonal matrix; data atoms are
+used from the first step], topped up with random unit vectors when there are fewer
+samples than atoms, and a top-up that no code uses is replaced by data in the same step.
+``fitted`` marks the atoms that came from data, were updated, or were re-drawn.
 
 Replay samples atoms uniformly and feeds each as a 1-token "image" to the Q-Former (see
 :mod:`cl_methods.eca`).
@@ -36,6 +42,9 @@ import torch
 from pydantic import Field
 
 from cl_methods.base import MethodConfig
+
+# A_jj at or below this: the atom is unused (ECA's learner, scikit-learn and SPAMS use 1e-6).
+UNUSED_ATOM = 1e-6
 
 
 class DictionarySettings(MethodConfig):
@@ -98,6 +107,7 @@ class OnlineDictionary:
         self.A: torch.Tensor | None = None  # (k, k)
         self.B: torch.Tensor | None = None  # (dim, k)
         self.n_seen = 0
+        self.fitted: torch.Tensor | None = None  # (k,) bool: the atom carries data (see above)
 
     @property
     def ready(self) -> bool:
@@ -112,6 +122,7 @@ class OnlineDictionary:
             extra = torch.randn(k - atoms.shape[0], self.dim, generator=generator).to(x.device)
             atoms = torch.cat([atoms, extra])
         self.atoms = atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.fitted = torch.arange(k, device=x.device) < min(k, x.shape[0])
         self.A = torch.zeros(k, k, device=x.device)
         self.B = torch.zeros(self.dim, k, device=x.device)
 
@@ -132,17 +143,26 @@ class OnlineDictionary:
         self.A += code.T @ code
         self.B += x.T @ code
         self.n_seen += x.shape[0]
-        self._update_atoms()
+        self._update_atoms(x, generator)
         return code
 
     @torch.no_grad()
-    def _update_atoms(self) -> None:
-        assert self.atoms is not None and self.A is not None and self.B is not None
+    def _update_atoms(self, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        assert self.atoms is not None and self.A is not None and self.B is not None and self.fitted is not None
         d = self.atoms.T.contiguous()  # (dim, k): columns are atoms, as in Mairal's notation
         diag = self.A.diagonal()
-        for j in torch.nonzero(diag > 0).flatten().tolist():
+        used = diag > UNUSED_ATOM
+        for j in torch.nonzero(used).flatten().tolist():
             u = (self.B[:, j] - d @ self.A[:, j]) / diag[j] + d[:, j]
             d[:, j] = u / u.norm().clamp_min(1.0)
+        unused = torch.nonzero(~used).flatten()
+        if len(unused):
+            pick = torch.randint(x.shape[0], (len(unused),), generator=generator).to(x.device)
+            new = x[pick]
+            noise = torch.randn(new.shape, generator=generator).to(x.device)
+            new = new + 0.01 * new.std(dim=1, keepdim=True).nan_to_num(1.0).clamp_min(1e-12) * noise
+            d[:, unused] = (new / new.norm(dim=1, keepdim=True).clamp_min(1.0)).T
+        self.fitted.fill_(True)  # every atom was just updated (used) or re-drawn from x (unused)
         self.atoms = d.T.contiguous()
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -153,9 +173,11 @@ class OnlineDictionary:
 
     def state_dict(self) -> dict[str, Any]:
         clone = lambda t: None if t is None else t.detach().cpu().clone()  # noqa: E731
-        return {"atoms": clone(self.atoms), "A": clone(self.A), "B": clone(self.B), "n_seen": self.n_seen}
+        return {"atoms": clone(self.atoms), "A": clone(self.A), "B": clone(self.B), "n_seen": self.n_seen,
+                "fitted": clone(self.fitted)}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
         move = lambda t: None if t is None else t.clone().to(device or t.device)  # noqa: E731
         self.atoms, self.A, self.B = move(state["atoms"]), move(state["A"]), move(state["B"])
         self.n_seen = int(state["n_seen"])
+        self.fitted = move(state.get("fitted"))

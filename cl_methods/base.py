@@ -13,9 +13,11 @@ Call order for one run of T tasks::
         before_task(t, task)
         for each batch of train_dataset(t):
             training_loss(batch, t)   # dict of named terms; the engine sums them
-            (backward by the engine)
-            after_backward(step)      # gradient surgery (DGG) goes here
-            (clip + optimizer step by the engine)
+            (backward and AMP unscaling by the engine)
+            after_backward(step)      # gradient surgery that clipping should bound
+            (clipping by the engine: training.grad_clip)
+            after_clip(step)          # terms clipping must not bound (DGG's g_hat)
+            (optimizer step by the engine)
         after_task(t, task)           # snapshots, Fisher passes, stored graphs ...
         predict(...) on every task    # row t + 1
 
@@ -125,7 +127,13 @@ class Method:
         raise NotImplementedError
 
     def after_backward(self, step: int) -> None:
-        pass
+        """After backward, before clipping: ``p.grad`` holds the loss's gradient in true
+        units (fp16 AMP has been unscaled); what a method adds here is clipped with it."""
+
+    def after_clip(self, step: int) -> None:
+        """After the engine clipped the gradients (``training.grad_clip``), right before
+        the optimizer step; gradients are unscaled (AMP) and what a method adds to
+        ``p.grad`` here is applied unclipped. Default: nothing."""
 
     def after_task(self, task_index: int, task: "Task") -> None:
         pass

@@ -6,8 +6,9 @@ An optimizer-level method: it adds no model parts to LoRA fine-tuning (its base,
 :mod:`cl_methods._guidance` and :mod:`cl_methods._replay`.
 
 - Gradient guidance: at the end of every task the LoRA parameters are snapshotted as
-  theta_star; in later tasks, after each backward, with probability alpha the capped
-  pull ``g_hat`` toward theta_star is added to the gradient.
+  theta_star; in later tasks, at each step after the real gradient is clipped, with
+  probability alpha the capped pull ``g_hat`` toward theta_star (one vector over all
+  LoRA tensors by default) is added to the gradient.
 - Replay: a buffer of past samples is mixed into the current task's data (the engine
   batches the union, as DGG mixes replay data into the training set), each sample scored
   on its own task's head.

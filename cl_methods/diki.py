@@ -8,15 +8,23 @@ Only task t's set trains; earlier sets are frozen (bit-identical afterwards).
 
 Test time (``predict``): a Gaussian per trained task over frozen, prompt-free image
 features (:mod:`cl_methods._task_identifier`) picks each sample's prompt set
-``t_hat`` and its weight ``w = sigmoid(max log p / D - 1)``. Images go through the prompted
-image tower with their own set and w (different samples of one batch may use different
-sets). Text ([choice], DIKI uses the batch mean of w): for every set used by the batch, the
-evaluated task's class embeddings are computed with that set and w_s = the mean of w over
-the samples routed to it (``text_weight="batch_mean"``); ``"one"`` uses w = 1 for text, as
-in training, which lets the heads be cached per (task, set). Heads are cached per
-(evaluated task, set, w_s, prompt version), so repeated values (w = 1 with ``weighting``
-off, the oracle) cost one text pass per task. Before any training there are no prompts and
-the model is the frozen CLIP.
+``t_hat`` and its weight ``w = sigmoid(max log p / D - 1)``. ``routing`` then decides which
+set each sample uses:
+
+- ``"per_sample"`` (default): every sample its own ``t_hat`` (different samples of one
+  batch may use different sets). Text ([choice]): for every set used by the batch, the
+  evaluated task's class embeddings are computed with that set and w_s = the mean of w
+  over the samples routed to it.
+- ``"batchwise"`` (DIKI's ``batchwise_prompt``, on in all of DIKI's MTIL configs): the
+  whole test batch uses one set, the majority of the samples' ``t_hat`` (ties: the lowest
+  set index, [choice]); each image keeps its own w, and the text tower uses the mean of w
+  over the whole batch (which, with one set, is the per-set mean above). It relies on a
+  test batch holding one task's samples, as the engine's evaluation does.
+
+``text_weight="one"`` uses w = 1 for text instead, as in training, which lets the heads be
+cached per (task, set). Heads are cached per (evaluated task, set, w_s, prompt version), so
+repeated values (w = 1 with ``weighting`` off, the oracle) cost one text pass per task.
+Before any training there are no prompts and the model is the frozen CLIP.
 
 Choices where the paper is silent (see README): prompt depth is clipped to each tower's
 number of blocks; the covariance gets Ledoit-Wolf shrinkage when a task has no more
@@ -56,6 +64,13 @@ class DIKIConfig(MethodConfig):
     weighting: bool = True
     # Text-tower weight at test time: mean of the routed samples' w (DIKI) or 1.
     text_weight: Literal["batch_mean", "one"] = "batch_mean"
+    # Which prompt set a test sample uses: its own Gaussian prediction ("per_sample") or
+    # the majority prediction of its test batch ("batchwise", DIKI's batchwise_prompt;
+    # ties go to the lowest set index). The default stays per_sample although every DIKI
+    # MTIL config sets batchwise (DIKI's code default is off): batchwise uses the fact that
+    # a test batch holds one task's images, so its scores depend on how test batches are
+    # composed and sized; the MTIL studies set batchwise to reproduce DIKI's tables.
+    routing: Literal["per_sample", "batchwise"] = "per_sample"
     # How a test sample picks its prompt set: the Gaussians (DIKI) or the true task (oracle).
     task_id: Literal["gaussian", "oracle"] = "gaussian"
     # Start task t's prompts from task t-1's (DAGR does; DIKI does not).
@@ -67,6 +82,13 @@ class DIKIConfig(MethodConfig):
         if isinstance(v, float) and not 0.0 <= v <= 1.0:
             raise ValueError("cov_shrinkage must be 'auto', 'ledoit_wolf' or a number in [0, 1]")
         return v
+
+
+def majority_set(sets: torch.Tensor) -> int:
+    """The most frequent prompt set of a batch's per-sample predictions; a tie goes to the
+    lowest set index (argmax returns the first maximum). [choice] DIKI's vote (a top-1 over
+    the counts of the sorted unique sets) does not define its tie-break."""
+    return int(torch.bincount(sets.flatten().long()).argmax())
 
 
 @register
@@ -166,7 +188,8 @@ class DIKI(Method):
         return head
 
     def route(self, images: torch.Tensor, task) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per sample: prompt set and weight (None: no trained set applies, frozen model)."""
+        """Per sample: prompt set and weight (None: no trained set applies, frozen model).
+        With ``routing: batchwise`` every sample gets the batch's majority set."""
         n = len(self.prompted)
         if n == 0:
             return None
@@ -180,6 +203,10 @@ class DIKI(Method):
         sets, w = self.identifier.identify(feats, tasks=n)
         if not self.config.weighting:
             w = torch.ones_like(w)
+        if self.config.routing == "batchwise":
+            # One set for the batch; each sample keeps the w of its own best Gaussian
+            # (DIKI weights images by their own likelihood, not the majority set's).
+            sets = torch.full_like(sets, majority_set(sets))
         return sets, w
 
     @torch.no_grad()
@@ -195,6 +222,7 @@ class DIKI(Method):
         out = feats.new_empty(len(images), len(task.classnames))
         for s in torch.unique(sets).tolist():
             sel = sets == s
+            # Batchwise: one set, so w[sel] is the whole batch and ws its mean (DIKI's).
             ws = float(w[sel].mean()) if self.config.text_weight == "batch_mean" else 1.0
             head = self.text_head(task, s, ws)
             # Under autocast the product is bf16 / fp16; the scores are kept in fp32.

@@ -19,21 +19,35 @@ BLIP-2 stays frozen; ECA adds three parts, each in a private module:
   (``language_projection`` of the Q-Former output, i.e. what the LLM would receive).
 
 Loss: ``L = L_ce + replay_weight * L_DR + orth_weight * L_orth + key_weight * L_key``
-(the paper: lambda 0.1 for BLIP-2, weights 1.0). Only the newest key/offset and the
-newest adapter train; the Q-Former, ``query_tokens`` (Q*), ``language_projection``, the
-ViT and the LLM are frozen. [choice: ECA's paper trains only its own parts; freezing the
-projection also keeps the replay target's meaning fixed across tasks.]
+(the paper: lambda 0.1 for BLIP-2, weights 1.0). What trains, as in ECA's code
+(``pa_blip2_opt_cap.py``, whose optimizer groups are the projector, the adapters and the
+MoQ): the newest key/offset, the newest adapter and the Q-Former-to-LLM projection
+``language_projection`` (ECA's ``opt_proj``, 768 -> 2560 on OPT-2.7B: 1,968,640 of its
+12.29M). The Q-Former's own weights, ``query_tokens`` (Q*), the ViT and the LLM are
+frozen. The old model of replay holds a snapshot of the projection with the old adapters
+and MoQ, so ``L_DR``'s target is what the previous task's LLM input was
+(``train_projection: false`` freezes it again, the earlier behaviour).
+
+Train / eval mode, as LAVIS trains (ECA's runner calls ``model.train()`` every epoch and
+before both Fisher passes, ``model.eval()`` for evaluation and the dictionary pass; the
+old model of replay is frozen in eval): ``dropout: lavis`` puts the Q-Former and the LLM
+in train mode for training steps (LAVIS's ``Blip2OPT`` freezes OPT's weights but never
+its mode, so OPT's own dropout is on while it trains; only the ViT is pinned to eval by
+LAVIS's ``freeze_vit``), and for the Fisher passes when ``fisher_dropout`` is true
+(ECA's). Evaluation, the dictionary pass and the old model's replay forward run in eval
+mode. ``dropout: qformer`` switches only the Q-Former; ``off`` keeps everything in eval.
 
 All parts act through hooks on the real ``Blip2ForConditionalGeneration`` modules, so
 ``forward``, ``generate`` and anything built on them (the backbone's own loss and
 generation code) see ECA without a copy of the model. The old model of replay is the
 same Q-Former run with the snapshot's parts switched in for one forward.
 
-Order at a task start (:meth:`ECA.before_task`): the MoQ gets the new task's key and
-(zero) offset first, then FeDEx measures ``g_new`` on the model as it will train (the new
-key already takes part in the softmax), then the adapter bank expands or not.
-[choice: the paper does not order these.] Statistics for FeDEx are only gathered when
-``expansion`` is ``fedex``.
+Order at a task start (:meth:`ECA.before_task`), as ECA's ``before_training``: FeDEx
+first measures ``g_new`` on the model as the previous task left it (no new key yet), then
+the adapter bank expands or not, then the MoQ gets the new task's key and (zero) offset.
+Statistics for FeDEx are only gathered when ``expansion`` is ``fedex``; as ECA's
+``update_Q_fisher`` they are taken over the task's training set in mini-batches of
+``fisher_batch_size`` (ECA: its training batch, 16), shuffled by the method's generator.
 
 [choice] Replay atoms are fed as they are (norm <= 1), as the paper describes, although
 real patch embeddings after the ViT's layer norm are much larger; the old and the current
@@ -79,9 +93,31 @@ class ECAConfig(MethodConfig):
     key_weight: float = Field(default=1.0, ge=0.0)
     # Adapters and FeDEx
     expansion: Expansion = "fedex"  # "never": one adapter for all tasks; "always": one per task
+    # FeDEx adds an adapter when S = I+ / (I+ + I-) > threshold for an earlier task, with
+    # I = -g_old g_new + 0.5 F_old g_new^2 (see _eca_fisher). 0.5 means "the second-order
+    # estimate of the old task's loss change is positive". What F is depends on
+    # fisher_batch_size: with mini-batches (ECA's 16) F is the mean squared *batch*
+    # gradient, about g^2 + Var/16, so the curvature term is small and S mostly measures
+    # whether g_new opposes g_old; with 1 (per-sample, the textbook empirical Fisher) F is
+    # about g^2 + Var, the curvature term weighs ~batch-size times more, S is higher for
+    # the same tasks and a given threshold expands more often. ECA's 0.5 (0.3 on one
+    # benchmark) was tuned for mini-batch Fisher.
     fisher_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
-    fisher_batch_size: int = Field(default=1, ge=1)  # 1 = per-sample gradients (empirical Fisher)
-    fisher_max_samples: int = Field(default=256, ge=1)
+    # Samples per gradient in the Fisher passes: 16 = ECA's (its training batch); 1 =
+    # per-sample gradients (the empirical Fisher; one backward per sample, slower).
+    fisher_batch_size: int = Field(default=16, ge=1)
+    # Cap on samples per Fisher pass; None = the whole task's training set, as ECA.
+    fisher_max_samples: int | None = Field(default=None, ge=1)
+    # Dropout in the Fisher passes: True = train mode, as ECA's runner (model.train()
+    # before update_Q_fisher); False = eval mode (deterministic statistics).
+    fisher_dropout: bool = True
+    # Which parts run in train mode during training steps (evaluation, the dictionary pass
+    # and the old model of replay always run in eval): "lavis" = Q-Former and LLM (LAVIS's
+    # model.train(); OPT's weights are frozen but its dropout is on), "qformer" = only
+    # the Q-Former, "off" = everything in eval (the earlier behaviour).
+    dropout: Literal["lavis", "qformer", "off"] = "lavis"
+    # The Q-Former-to-LLM projection trains, as ECA's opt_proj; False freezes it.
+    train_projection: bool = True
     adapter_attn_width: int = Field(default=30, ge=1)
     adapter_ffn_width: int = Field(default=512, ge=1)
     adapter_scale: float = 4.0
@@ -128,10 +164,16 @@ def blip2_model(backbone: Any) -> nn.Module:
 
 
 class _Parts:
-    """The ECA parts the hooks use right now (live, an old snapshot, or none)."""
+    """The ECA parts the hooks use right now (live, an old snapshot, or none).
 
-    def __init__(self, moq: MixtureOfQueries | None, adapters: QFormerAdapters | None):
-        self.moq, self.adapters = moq, adapters
+    ``projection`` is the Q-Former-to-LLM projection that goes with them (the model's own
+    for the live parts, a frozen copy in a snapshot); ``None`` means the model's own.
+    """
+
+    def __init__(
+        self, moq: MixtureOfQueries | None, adapters: QFormerAdapters | None, projection: nn.Module | None = None
+    ):
+        self.moq, self.adapters, self.projection = moq, adapters, projection
 
 
 @register
@@ -158,6 +200,7 @@ class ECA(Method):
             if not getattr(task, "is_text", True):
                 raise ValueError(f"eca: task {task.name!r} has metric {task.metric!r}; ECA needs text tasks (cider, vqa_acc)")
         model.requires_grad_(False)
+        model.language_projection.requires_grad_(cfg.train_projection)
         qformer = model.qformer
         vision_width = model.config.vision_config.hidden_size
         num_query, hidden = model.query_tokens.shape[1], qformer.config.hidden_size
@@ -176,6 +219,16 @@ class ECA(Method):
         self.dictionary = OnlineDictionary(cfg.dictionary(vision_width), vision_width)
         self.adapter_of_task: list[int] = []  # which adapter trained on each task (FeDEx bookkeeping)
         self.expanded: list[bool] = []  # whether each task's start added an adapter (logs, tests)
+        self._set_mode(False)
+
+    def _set_mode(self, train: bool) -> None:
+        """Dropout on (``train``) or off in the parts ``dropout`` names; the ViT stays eval."""
+        m, scope = self.model, self.config.dropout
+        m.eval()
+        if train and scope != "off":
+            m.qformer.train()
+            if scope == "lavis":
+                m.language_model.train()
 
     @property
     def moq(self) -> MixtureOfQueries | None:
@@ -206,6 +259,8 @@ class ECA(Method):
         params = list(self.adapters.current_parameters())
         if self.moq is not None:
             params += self.moq.current_parameters()
+        if self.config.train_projection:
+            params += list(self.model.language_projection.parameters())
         return params
 
     # ------------------------------------------------------------------ model I/O
@@ -226,30 +281,40 @@ class ECA(Method):
         return self.model.vision_model(pixel_values=self._pixels(batch), return_dict=True).last_hidden_state
 
     def query_outputs(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """language_projection(Q-Former(queries, image_embeds)): what the LLM receives."""
+        """projection(Q-Former(queries, image_embeds)): what the LLM receives, with the
+        projection of the active parts (the old model's snapshot inside ``using(old)``)."""
         m = self.model
+        proj = self._active.projection or m.language_projection
         q = m.query_tokens.expand(image_embeds.shape[0], -1, -1)
         mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         out = m.qformer(
             query_embeds=q, encoder_hidden_states=image_embeds, encoder_attention_mask=mask, return_dict=True
         ).last_hidden_state
-        return m.language_projection(out.to(m.language_projection.weight.dtype))
+        return proj(out.to(proj.weight.dtype))
 
     def replay_loss(self) -> torch.Tensor:
         """MSE between the old and the current model's projected queries on sampled atoms."""
         atoms = self.dictionary.sample(self.config.replay_batch_size, self.ctx.generator)[:, None, :]
-        with torch.no_grad(), self.using(self._old, has_cls=False):
-            target = self.query_outputs(atoms)
+        # The old model is frozen in eval mode (ECA's freeze_model); the current one runs
+        # in whatever mode the step runs (train mode inside training_loss).
+        qformer = self.model.qformer
+        was_training = qformer.training
+        qformer.eval()
+        try:
+            with torch.no_grad(), self.using(self._old, has_cls=False):
+                target = self.query_outputs(atoms)
+        finally:
+            qformer.train(was_training)
         with self.using(self._live, has_cls=False):
             current = self.query_outputs(atoms)
         return F.mse_loss(current.float(), target.float())
 
     # ------------------------------------------------------------------ data passes
-    def _loader(self, task_index: int, max_samples: int, batch_size: int) -> DataLoader:
+    def _loader(self, task_index: int, max_samples: int | None, batch_size: int) -> DataLoader:
+        """The task's training set in a random order (the method's generator), capped."""
         data = self.ctx.train_sets[task_index]
-        if len(data) > max_samples:
-            idx = torch.randperm(len(data), generator=self.ctx.generator)[:max_samples].tolist()
-            data = Subset(data, idx)
+        idx = torch.randperm(len(data), generator=self.ctx.generator)[:max_samples].tolist()
+        data = Subset(data, idx)
         try:
             from mmcl.data.base import collate  # the engine's collate (text samples as lists)
         except ImportError:  # pragma: no cover - an older engine
@@ -263,10 +328,16 @@ class ECA(Method):
         s = self.config.fisher()
         batches = (self._to_device(b) for b in self._loader(task_index, s.max_samples, s.batch_size))
         size = lambda b: len(b["pixel_values"] if "pixel_values" in b else b["image"])  # noqa: E731
-        return gradient_stats(self.adapters.current_parameters(), batches, self.lm_loss, size, with_fisher)
+        self._set_mode(self.config.fisher_dropout)
+        try:
+            with self.using(self._live):
+                return gradient_stats(self.adapters.current_parameters(), batches, self.lm_loss, size, with_fisher)
+        finally:
+            self._set_mode(False)
 
     @torch.no_grad()
     def _fit_dictionary(self, task_index: int) -> None:
+        self._set_mode(False)  # ECA: model.eval() before update_dictionary
         s = self.dictionary.settings
         pending: list[torch.Tensor] = []
         n_pending = 0
@@ -288,12 +359,11 @@ class ECA(Method):
     def _snapshot(self) -> _Parts:
         moq = copy.deepcopy(self.moq).requires_grad_(False) if self.moq is not None else None
         adapters = copy.deepcopy(self.adapters).requires_grad_(False)
-        return _Parts(moq, adapters)
+        projection = copy.deepcopy(self.model.language_projection).requires_grad_(False).eval()
+        return _Parts(moq, adapters, projection)
 
     def before_task(self, task_index, task):
         cfg = self.config
-        if self.moq is not None and self.moq.num_tasks <= task_index:
-            self.moq.add_task(self.ctx.generator)
         if len(self.adapter_of_task) <= task_index:
             expand = self.adapters.num_adapters == 0 or cfg.expansion == "always"
             if not expand and cfg.expansion == "fedex":
@@ -303,10 +373,14 @@ class ECA(Method):
                 self.adapters.expand(self.ctx.generator)
             self.expanded.append(bool(expand))
             self.adapter_of_task.append(self.adapters.num_adapters - 1)
+        # After FeDEx, as ECA's before_training: g_new is measured without the new key.
+        if self.moq is not None and self.moq.num_tasks <= task_index:
+            self.moq.add_task(self.ctx.generator)
         self.modules.to(self.ctx.device)
 
     def training_loss(self, batch, task_index):
         cfg = self.config
+        self._set_mode(True)
         with self.using(self._live):
             terms = {"ce": self.lm_loss(batch)}
             e = self.moq_hook.last_summary
@@ -333,6 +407,7 @@ class ECA(Method):
         Batches of model inputs (no tokenizer at hand) give the new token ids instead;
         their ``input_ids`` are the prompt.
         """
+        self._set_mode(False)
         ev = getattr(self.run, "evaluation", None)
         max_new, beams = (ev.max_new_tokens, ev.num_beams) if ev is not None else (20, 1)
         with self.using(self._live):
@@ -351,6 +426,7 @@ class ECA(Method):
             "moq_tasks": self.moq.num_tasks if self.moq is not None else 0,
             "num_adapters": self.adapters.num_adapters,
             "modules": {k: v.detach().cpu().clone() for k, v in self.modules.state_dict().items()},
+            "projection": {k: v.detach().cpu().clone() for k, v in self.model.language_projection.state_dict().items()},
             "adapter_of_task": list(self.adapter_of_task),
             "expanded": list(self.expanded),
             "fedex": self.fedex.state_dict(),
@@ -364,6 +440,8 @@ class ECA(Method):
         self.adapters.resize(state["num_adapters"])
         self.modules.to(self.ctx.device)
         self.modules.load_state_dict(state["modules"])
+        if "projection" in state:  # states saved before the projection trained lack it
+            self.model.language_projection.load_state_dict(state["projection"])
         self.adapter_of_task = list(state["adapter_of_task"])
         self.expanded = list(state["expanded"])
         self.fedex.load_state_dict(state["fedex"])

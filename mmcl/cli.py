@@ -1,4 +1,4 @@
-"""``mmcl``: run | resume | validate | plan | report.
+"""``mmcl``: run | resume | validate | plan | report | schema.
 
 Exit status (``ray job submit`` reports a job FAILED for any but 0):
 
@@ -40,12 +40,14 @@ def _print_summary(out: Storage, study: StudySpec) -> int:
     """Print the stage table and the errored trials; return the exit status."""
     import analysis
     from analysis.report import write_report
+    from analysis.report_html import write_html_report
     from analysis.tables import summary_table
 
     res = analysis.load(out)
     table = summary_table(res)
     print("\n" + table.to_string(index=False) if len(table) else "(no trials)")
-    print(f"\nresults: {out.where()}\nreport:  {write_report(out)}")
+    md = write_report(out)
+    print(f"\nresults: {out.where()}\nreport:  {md}\n         {write_html_report(out)}")
     code, lines = errored_verdict(res.trials, study.failure.max_errored_fraction)
     if lines:
         print("\n" + "\n".join(lines), file=sys.stderr)
@@ -88,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{out.where()} already holds results of a study; continue it with `mmcl resume {shlex.quote(out.uri)}` "
             f"or pass another --output"
         )
-    run_study(study, out)
+    run_study(study, out, verbose=args.verbose)
     return _print_summary(out, study)
 
 
@@ -101,7 +103,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if not out.is_file("study.yaml"):
         raise SpecError(f"{out.where()}: not a study output directory (no study.yaml); start it with `mmcl run`")
     study = parse_study(yaml.safe_load(out.read_text("study.yaml")), out.where("study.yaml"))
-    run_study(study, out, resume=True)
+    run_study(study, out, resume=True, verbose=args.verbose)
     return _print_summary(out, study)
 
 
@@ -125,6 +127,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from mmcl.schema import study_schema
+
+    print(json.dumps(study_schema(), indent=1, sort_keys=True))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import build_report, write_report
     from mmcl.results import consolidate
@@ -134,8 +145,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise SpecError(f"{out.where()}: no such results directory")
     if out.exists("parts"):
         consolidate(out)
+    from analysis.report_html import write_html_report
+
     print(build_report(out))
-    print(f"\nwritten: {write_report(out)}")
+    print(f"\nwritten: {write_report(out)}\n         {write_html_report(out)}")
     return 0
 
 
@@ -146,9 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("study", help="study YAML file")
     r.add_argument("--output", help="results directory or bucket URI, e.g. s3://bucket/x (default: <storage>/<study name>)")
     r.add_argument("--smoke", action="store_true", help="shrink the study to a quick check")
+    r.add_argument("-v", "--verbose", action="store_true", help="also show Ray's and Tune's own output (trial tables, INFO logs)")
     r.set_defaults(fn=cmd_run)
     s = sub.add_parser("resume", help="continue an interrupted study")
     s.add_argument("dir", help="the study's results directory or URI (from any machine)")
+    s.add_argument("-v", "--verbose", action="store_true", help="also show Ray's and Tune's own output")
     s.set_defaults(fn=cmd_resume)
     v = sub.add_parser("validate", help="check a study file (no Ray, no data, no GPU)")
     v.add_argument("study")
@@ -161,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("study")
     pl.add_argument("--smoke", action="store_true")
     pl.set_defaults(fn=cmd_plan)
+    sc = sub.add_parser("schema", help="print the study file's JSON Schema (for editors: > studies/study.schema.json)")
+    sc.set_defaults(fn=cmd_schema)
     rp = sub.add_parser("report", help="print the paper tables of a results directory")
     rp.add_argument("dir", help="results directory or URI")
     rp.set_defaults(fn=cmd_report)

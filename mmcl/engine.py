@@ -64,6 +64,8 @@ class TaskEnd:
     task_names: list[str]  # training order (= column order of ``matrix``)
     row: dict[str, float]  # eval task name -> score (percent)
     metric_names: dict[str, str]
+    # Each task's full test-set size: the weights of faa_weighted, also when
+    # evaluation.max_samples caps how many samples were scored.
     n_samples: dict[str, int]
     matrix: np.ndarray  # rows 0..step, one column per task in training order
     metrics: dict[str, float]  # running Avg / Last / Transfer / BWT ... on ``matrix``
@@ -74,6 +76,8 @@ class TaskEnd:
     task_wall_time_s: float
     method_stats: dict[str, float] = field(default_factory=dict)  # Method.stats() after this row
     environment: dict[str, str] = field(default_factory=dict)  # environment_fingerprint()
+    # Samples actually scored per task (= n_samples unless evaluation.max_samples caps it).
+    n_eval: dict[str, int] = field(default_factory=dict)
 
     @property
     def n_tasks(self) -> int:
@@ -212,6 +216,10 @@ def _make_optimizer(params: list[torch.nn.Parameter], run: RunSpec) -> torch.opt
 def evaluate(method, tasks, run: RunSpec, device: torch.device, amp_dtype) -> tuple[dict, dict, dict]:
     """Score the method on every task's test split; returns (scores, metric names, sizes).
 
+    ``sizes`` are the samples scored per task: the test split's size, or
+    ``evaluation.max_samples`` when that caps it (the run's weights are the full sizes,
+    :func:`full_test_sizes`).
+
     The task's ``metric`` decides how: ``top1`` compares ``method.predict``'s logits with
     the labels; a text metric (``cider``, ``vqa_acc``) takes the generated strings
     ``method.predict`` returns and scores them against the samples' ``refs`` with
@@ -256,10 +264,18 @@ def evaluate(method, tasks, run: RunSpec, device: torch.device, amp_dtype) -> tu
 
             if task.metric not in TEXT_METRICS:
                 raise ValueError(f"task {task.name}: metric {task.metric!r} is not supported by this engine")
-            scores[task.name] = score_text(task.metric, generated, refs) if generated else float("nan")
+            scores[task.name] = (
+                score_text(task.metric, generated, refs, ev.caption_tokenizer) if generated else float("nan")
+            )
         names[task.name] = task.metric
         sizes[task.name] = total
     return scores, names, sizes
+
+
+def full_test_sizes(tasks) -> dict[str, int]:
+    """Each task's full test-set size: faa_weighted's weights (DGG's FAA weights every task
+    by its test set), whatever evaluation.max_samples scores of it."""
+    return {task.name: len(task.test) for task in tasks}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -334,9 +350,17 @@ def run_continual(
     device, amp_dtype, tasks, method, method_gen = p.device, p.amp_dtype, p.tasks, p.method, p.method_gen
     names = p.task_names
     fingerprint = environment_fingerprint(device, amp_dtype, run)
+    if any(t.metric == "cider" for t in tasks):
+        from mmcl.metrics_text import resolve_caption_tokenizer
+
+        # Which tokenizer scores CIDEr on this node ("ptb" or "python"), for the trials
+        # table; "ptb" without Java fails here, before any training.
+        fingerprint["caption_tokenizer"] = resolve_caption_tokenizer(run.evaluation.caption_tokenizer)
 
     rows: list[list[float]] = []
-    sizes: dict[str, int] = {}
+    # sizes: full test-set sizes (the weights); n_eval: samples scored (max_samples cap).
+    sizes: dict[str, int] = full_test_sizes(tasks)
+    n_eval: dict[str, int] = {}
     opt_state = None
     start = 0
     trainable = 0
@@ -352,7 +376,9 @@ def run_continual(
             )
         method.load_state_dict(resume["method"])
         method.modules.to(device)
-        sizes = dict(resume["n_samples"])
+        # The full sizes come from the tasks, not the state: a state written before
+        # n_eval existed holds the scored (possibly capped) counts under n_samples.
+        n_eval = dict(resume.get("n_eval", resume["n_samples"]))
         opt_state = resume.get("optimizer")
         trainable = int(resume.get("trainable_params", 0))
 
@@ -368,6 +394,7 @@ def run_continual(
             "completed": step,
             "matrix": [list(r) for r in rows],
             "n_samples": sizes,
+            "n_eval": n_eval,
             "method": method.state_dict(),
             "optimizer": optimizer.state_dict() if (optimizer is not None and not run.training.reset_optimizer) else None,
             "rng": {"torch": torch.get_rng_state(), "method": method_gen.get_state()},
@@ -384,6 +411,7 @@ def run_continual(
                 row=dict(zip(names, rows[-1])),
                 metric_names=metric_names,
                 n_samples=dict(sizes),
+                n_eval=dict(n_eval),
                 matrix=mat,
                 metrics=matrix_metrics(mat, zero_shot=True, n_samples=np.array([sizes[n] for n in names])),
                 curves=curves,
@@ -399,7 +427,7 @@ def run_continual(
     metric_names: dict[str, str] = {}
     if resume is None:
         t0 = time.perf_counter()
-        scores, metric_names, sizes = evaluate(method, tasks, run, device, amp_dtype)
+        scores, metric_names, n_eval = evaluate(method, tasks, run, device, amp_dtype)
         rows.append([scores[n] for n in names])
         emit(0, t0, [])
     else:
@@ -427,7 +455,7 @@ def run_continual(
                     opt_state = None
             curves = _train_task(method, optimizer, t, tasks[t].name, run, device, amp_dtype)
         method.after_task(t, tasks[t])
-        scores, metric_names, sizes = evaluate(method, tasks, run, device, amp_dtype)
+        scores, metric_names, n_eval = evaluate(method, tasks, run, device, amp_dtype)
         rows.append([scores[n] for n in names])
         all_curves.extend(curves)
         emit(t + 1, t0, curves)
@@ -486,10 +514,13 @@ def _train_task(method, optimizer, t: int, task_name: str, run: RunSpec, device,
                     f"non-finite terms: {', '.join(bad)} (lower training.lr or check the method's weights)"
                 )
             scaler.scale(loss).backward()
+            # Unscaled once, before both hooks and the clip: every hook sees (and adds
+            # to) true gradients, and the scaler's step still skips an overflowed step.
             scaler.unscale_(optimizer)
             method.after_backward(step)
             if tr.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, tr.grad_clip)
+            method.after_clip(step)  # terms the clip must not bound (DGG's guidance)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

@@ -19,40 +19,120 @@ on the length difference, averaged over n and over references, times 10. Like th
 reference code, the "length" in the penalty counts the sentence's bigrams (its
 ``n == 1`` index is the bigram order); we keep that so numbers stay comparable.
 
-Tokenisation (:func:`caption_tokens`): pycocoevalcap runs the Stanford PTB tokenizer in
-Java before scoring. We do not need Java: text is lower-cased, split into runs of letters
-and digits, with an apostrophe suffix kept as its own token ("dog's" -> "dog 's") as PTB
-does, and every other punctuation mark dropped (PTB's output has the same marks removed
-by pycocoevalcap). Differences remain for rare cases ("don't": PTB "do n't", ours
-"don 't"); both sides of a comparison always use the same tokeniser.
+Tokenisation: pycocoevalcap runs the Stanford PTB tokenizer (Java, the CoreNLP 3.4.1 jar
+it ships, lower-cased, one line per caption) and then drops the punctuation tokens of its
+list. :func:`ptb_tokenize` does exactly that in one Java call for all strings of a scored
+task (candidates and references); it is the default (``evaluation.caption_tokenizer:
+auto`` picks it where ``java`` is on PATH). Its quirks are kept: parentheses become
+``-lrb-`` / ``-rrb-`` tokens that stay (the removal list is upper-case), "t-shirt" and
+"2,000" stay one token, "doesn't" is "does n't". Without Java, :func:`caption_tokens` is
+the fallback: lower case, runs of letters and digits, an apostrophe suffix as its own
+token, other punctuation dropped; equal to PTB on plain captions, not on the cases above
+(on captions with such tokens, CIDEr moves by tens of points x100), so the trials table
+records which tokenizer ran.
 
-VQA accuracy: an answer's accuracy is min(#humans who gave it / 3, 1), averaged over the
-10 leave-one-out subsets of the 10 human answers (the official script). Answers are
-normalised first (:func:`normalize_answer`): newlines and tabs to spaces, punctuation
-removed or replaced as the official script does, lower case, number words to digits,
-articles dropped, contractions restored ("dont" -> "don't"). The official script
-normalises the human answers only when they disagree; we normalise them always (as LAVIS
-does), which can only change a score when identical answers differ from their normal
-form.
+VQA accuracy: the official script (GT-Vision-Lab/VQA ``vqaEval.py``), case for case. An
+answer's accuracy is min(#humans who gave it / 3, 1), averaged over the 10 leave-one-out
+subsets of the 10 human answers. Newlines and tabs become spaces and both sides are
+stripped; then, *only when the human answers disagree*, the answer and every human answer
+are normalised (:func:`normalize_answer`: punctuation removed or replaced, at most 32
+periods stripped, lower case, number words to digits, articles dropped, the official
+contraction table looked up case-sensitively). Unanimous humans are compared verbatim:
+"Yes" or "yes." against ten "yes" scores 0, as in the official results.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import shutil
+import subprocess
+import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 TEXT_METRICS = ("cider", "vqa_acc")
 
 # --------------------------------------------------------------------------- tokenisation
 
 _TOKEN = re.compile(r"[a-z0-9]+|'[a-z]+")
+CAPTION_TOKENIZERS = ("auto", "ptb", "python")
+# pycocoevalcap's removal list after PTB tokenisation (facts of its ptbtokenizer.py).
+_PTB_PUNCTUATION = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"])  # fmt: skip
+# One Java start plus tokenising a task's captions takes ~0.3 s; a bound, so a stuck JVM
+# fails the evaluation with a message instead of hanging the trial.
+_PTB_TIMEOUT_S = 300
 
 
 def caption_tokens(text: str) -> list[str]:
-    """The project's caption tokenisation (see the module docstring)."""
+    """The pure-Python caption tokenisation, the fallback without Java (module docstring)."""
     return _TOKEN.findall(text.lower())
+
+
+def _ptb_jar() -> str | None:
+    """The CoreNLP jar pycocoevalcap ships, or None without pycocoevalcap."""
+    try:
+        from pycocoevalcap.tokenizer import ptbtokenizer
+    except ImportError:
+        return None
+    jar = Path(ptbtokenizer.__file__).with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    return str(jar) if jar.is_file() else None
+
+
+def resolve_caption_tokenizer(mode: str = "auto") -> str:
+    """``ptb`` or ``python``: what ``mode`` means on this machine."""
+    if mode not in CAPTION_TOKENIZERS:
+        raise ValueError(f"evaluation.caption_tokenizer: {mode!r} is not one of {', '.join(CAPTION_TOKENIZERS)}")
+    missing = []
+    if not shutil.which("java"):
+        missing.append("no `java` is on PATH (install a Java runtime, Debian: apt-get install default-jre-headless)")
+    if _ptb_jar() is None:
+        missing.append("pycocoevalcap's tokenizer jar is not installed (`uv sync`, or pip install pycocoevalcap)")
+    if mode == "auto":
+        return "python" if missing else "ptb"
+    if mode == "ptb" and missing:
+        raise RuntimeError(
+            f"evaluation.caption_tokenizer is 'ptb' but on this node {'; '.join(missing)}; fix that or set "
+            "evaluation.caption_tokenizer: python"
+        )
+    return mode
+
+
+def ptb_tokenize(texts: Sequence[str]) -> list[list[str]]:
+    """pycocoevalcap's tokenisation of every string, in one Java call: the Stanford PTB
+    tokenizer (``-preserveLines -lowerCase``) then its punctuation tokens removed."""
+    if not texts:
+        return []
+    with tempfile.TemporaryDirectory(prefix="mmcl-ptb-") as tmp:
+        # A file in our own temp dir (pycocoevalcap writes into its package dir, which is
+        # read-only on some cluster images); UTF-8 both ways whatever the node's locale.
+        src = Path(tmp) / "captions.txt"
+        src.write_text("\n".join(t.replace("\n", " ").replace("\r", " ") for t in texts), encoding="utf-8")
+        jar = _ptb_jar()
+        if jar is None:
+            raise RuntimeError("the PTB tokenizer needs pycocoevalcap's jar: `uv sync` (or pip install pycocoevalcap)")
+        cmd = ["java", "-Dfile.encoding=UTF-8", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer",
+               "-preserveLines", "-lowerCase", "-encoding", "utf-8", str(src)]  # fmt: skip
+        try:
+            proc = subprocess.run(cmd, capture_output=True, timeout=_PTB_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired as e:
+            raise RuntimeError(f"the PTB tokenizer (java) did not finish {len(texts)} captions in {_PTB_TIMEOUT_S} s") from e
+    if proc.returncode != 0:
+        raise RuntimeError(f"the PTB tokenizer (java) failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-500:]}")
+    lines = proc.stdout.decode("utf-8").split("\n")
+    if lines and lines[-1] == "" and len(lines) == len(texts) + 1:
+        lines = lines[:-1]  # a trailing newline after the last caption
+    if len(lines) != len(texts):
+        raise RuntimeError(f"the PTB tokenizer returned {len(lines)} lines for {len(texts)} captions")
+    return [[w for w in line.rstrip().split(" ") if w and w not in _PTB_PUNCTUATION] for line in lines]
+
+
+def tokenize_captions(texts: Sequence[str], tokenizer: str = "auto") -> list[list[str]]:
+    """Tokens of every string with the resolved tokenizer (see :func:`resolve_caption_tokenizer`)."""
+    if resolve_caption_tokenizer(tokenizer) == "ptb":
+        return ptb_tokenize(texts)
+    return [caption_tokens(t) for t in texts]
 
 
 # --------------------------------------------------------------------------- CIDEr-D
@@ -124,50 +204,73 @@ def cider_d(
     return sum(scores) / len(scores), scores
 
 
-def cider(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Corpus CIDEr-D of raw strings, tokenised with :func:`caption_tokens` (scorer units)."""
-    return cider_d([caption_tokens(c) for c in candidates], [[caption_tokens(r) for r in rs] for rs in references])[0]
+def cider(candidates: Sequence[str], references: Sequence[Sequence[str]], tokenizer: str = "auto") -> float:
+    """Corpus CIDEr-D of raw strings (scorer units); candidates and references are
+    tokenised together, one Java call with the PTB tokenizer."""
+    if len(candidates) != len(references):
+        raise ValueError(f"{len(candidates)} candidates but {len(references)} reference sets")
+    flat = list(candidates) + [r for rs in references for r in rs]
+    toks = tokenize_captions(flat, tokenizer)
+    cands, refs, i = toks[: len(candidates)], [], len(candidates)
+    for rs in references:
+        refs.append(toks[i : i + len(rs)])
+        i += len(rs)
+    return cider_d(cands, refs)[0]
 
 
 # --------------------------------------------------------------------------- VQA accuracy
 
 _PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-# Copied from the official script, including its look-behind typo ("(?!<=" is a
-# look-ahead): a period not followed by a digit is removed.
+# The official pattern, including its look-behind typo ("(?!<=" is a look-ahead, always
+# true before a period): a period not followed by a digit is removed.
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+# The official script passes ``re.UNICODE`` (32) where ``re.sub``'s third positional
+# argument is ``count``: it removes at most 32 such periods. Kept, so "a...." answers with
+# long runs of periods score as there.
+_PERIOD_STRIP_COUNT = 32
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 _NUMBERS = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }  # fmt: skip
 _ARTICLES = {"a", "an", "the"}
-# The official table maps apostrophe-less spellings to the canonical contraction; it is
-# generated here from the canonical forms (every way of dropping apostrophes).
-_CANONICAL_CONTRACTIONS = (
-    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't "
-    "he'd he'd've he's how'd how'll how's i'd've i'm i've isn't it'd it'd've it'll let's ma'am mightn't "
-    "mightn't've might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've she's "
-    "should've shouldn't shouldn't've somebody'd somebody'd've somebody'll somebody's someone'd someone'd've "
-    "someone'll someone's something'd something'd've something'll that's there'd there'd've there're there's "
-    "they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't what'll what're what's "
-    "what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't "
-    "would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've"
-).split()
+# The official contraction table, as data: each line is "replacement: spelling ...". It is
+# looked up word by word, case-sensitively, after the words were lower-cased, so the
+# capitalised spellings ("Im", "Ive", "Id've", "I'dve") never fire; "hes" and "whos" do map;
+# "somebody'd" maps to "somebodyd" (the table's own reversed entry). Identity entries
+# ("let's", "she's") are omitted: they change nothing.
+_CONTRACTION_TABLE = """
+ain't: aint | aren't: arent | can't: cant | could've: couldve | couldn't: couldnt
+couldn't've: couldn'tve couldnt've | didn't: didnt | doesn't: doesnt | don't: dont | hadn't: hadnt
+hadn't've: hadnt've hadn'tve | hasn't: hasnt | haven't: havent | he'd: hed | he'd've: hed've he'dve
+he's: hes | how'd: howd | how'll: howll | how's: hows | I'd've: Id've I'dve | I'm: Im | I've: Ive
+isn't: isnt | it'd: itd | it'd've: itd've it'dve | it'll: itll | ma'am: maam | mightn't: mightnt
+mightn't've: mightnt've mightn'tve | might've: mightve | mustn't: mustnt | must've: mustve
+needn't: neednt | not've: notve | o'clock: oclock | oughtn't: oughtnt
+'ow's'at: ow's'at 'ows'at 'ow'sat | shan't: shant | she'd've: shed've she'dve | should've: shouldve
+shouldn't: shouldnt | shouldn't've: shouldnt've shouldn'tve | somebodyd: somebody'd
+somebody'd've: somebodyd've somebody'dve | somebody'll: somebodyll | somebody's: somebodys
+someone'd: someoned | someone'd've: someoned've someone'dve | someone'll: someonell
+someone's: someones | something'd: somethingd | something'd've: somethingd've something'dve
+something'll: somethingll | that's: thats | there'd: thered | there'd've: thered've there'dve
+there're: therere | there's: theres | they'd: theyd | they'd've: theyd've they'dve | they'll: theyll
+they're: theyre | they've: theyve | 'twas: twas | wasn't: wasnt | we'd've: wed've we'dve
+we've: weve | weren't: werent | what'll: whatll | what're: whatre | what's: whats | what've: whatve
+when's: whens | where'd: whered | where's: wheres | where've: whereve | who'd: whod
+who'd've: whod've who'dve | who'll: wholl | who's: whos | who've: whove | why'll: whyll
+why're: whyre | why's: whys | won't: wont | would've: wouldve | wouldn't: wouldnt
+wouldn't've: wouldnt've wouldn'tve | y'all: yall | y'all'll: yall'll y'allll
+y'all'd've: yall'd've y'alld've y'all'dve | you'd: youd | you'd've: youd've you'dve
+you'll: youll | you're: youre | you've: youve
+"""
 
 
 def _contractions() -> dict[str, str]:
     table: dict[str, str] = {}
-    for canon in _CANONICAL_CONTRACTIONS:
-        parts = canon.split("'")
-        gaps = len(parts) - 1
-        for mask in range(2**gaps - 1):  # every subset of apostrophes kept, except all
-            out = parts[0]
-            for i in range(gaps):
-                out += ("'" if mask >> i & 1 else "") + parts[i + 1]
-            # "id", "im", "its", "well", "were", "wed" ... are words: the official table
-            # does not map those spellings either.
-            if out not in {"id", "im", "its", "well", "were", "wed", "hell", "shell", "ill", "lets", "hes", "whos"}:
-                table.setdefault(out, canon)
+    for entry in _CONTRACTION_TABLE.replace("\n", " | ").split("|"):
+        if entry.strip():
+            target, spellings = entry.split(": ")
+            table.update({s: target.strip() for s in spellings.split()})
     return table
 
 
@@ -177,11 +280,12 @@ _CONTRACTIONS = _contractions()
 def _process_punctuation(text: str) -> str:
     out = text
     for p in _PUNCT:
+        # The test looks at the *input* text, not the partly processed one (as the script).
         if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
+    return _PERIOD_STRIP.sub("", out, count=_PERIOD_STRIP_COUNT)
 
 
 def _process_digit_article(text: str) -> str:
@@ -190,19 +294,30 @@ def _process_digit_article(text: str) -> str:
     return " ".join(words)
 
 
+def _clean_whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(answer: str) -> str:
-    """The official VQA answer normalisation (see the module docstring)."""
-    text = answer.replace("\n", " ").replace("\t", " ").strip()
-    return _process_digit_article(_process_punctuation(text))
+    """The official VQA answer normalisation: whitespace, punctuation, lower case, number
+    words to digits, articles dropped, contractions restored (see the module docstring)."""
+    return _process_digit_article(_process_punctuation(_clean_whitespace(answer)))
 
 
 def vqa_accuracy_one(answer: str, human_answers: Sequence[str]) -> float:
-    """Soft accuracy in [0, 1] of one answer against its human answers (usually 10)."""
+    """Soft accuracy in [0, 1] of one answer against its human answers (usually 10), as the
+    official script scores it (including when it normalises: see the module docstring)."""
     if not human_answers:
         raise ValueError("a question needs at least one human answer")
-    ans = normalize_answer(answer)
-    gts = [normalize_answer(a) for a in human_answers]
+    ans = _clean_whitespace(answer)
+    gts = [_clean_whitespace(a) for a in human_answers]
+    if len(set(gts)) > 1:
+        # Only a question whose humans disagree is normalised, both sides (the official
+        # script). Unanimous humans are compared verbatim: "Yes" against ten "yes" is 0.
+        ans, gts = normalize_answer(ans), [normalize_answer(g) for g in gts]
     if len(gts) == 1:
+        # [choice] Outside the official script's domain (VQA has 10 answers; with one, its
+        # leave-one-out always scores 0): a single reference is an exact-match test.
         return float(gts[0] == ans)
     accs = []
     for i in range(len(gts)):  # leave human i out, count matches among the others
@@ -223,16 +338,18 @@ def vqa_accuracy(answers: Sequence[str], human_answers: Sequence[Sequence[str]])
 # --------------------------------------------------------------------------- dispatch
 
 
-def score_text(metric: str, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+def score_text(
+    metric: str, predictions: Sequence[str], references: Sequence[Sequence[str]], caption_tokenizer: str = "auto"
+) -> float:
     """A task's score in the accuracy matrix's units: CIDEr-D x 100, or VQA accuracy in %."""
     if metric == "cider":
-        return 100.0 * cider(predictions, references)
+        return 100.0 * cider(predictions, references, caption_tokenizer)
     if metric == "vqa_acc":
         return 100.0 * vqa_accuracy(predictions, references)
     raise ValueError(f"unknown text metric {metric!r}; known: {', '.join(TEXT_METRICS)}")
 
 
 __all__ = [
-    "TEXT_METRICS", "caption_tokens", "cider", "cider_d", "normalize_answer", "score_text",
-    "vqa_accuracy", "vqa_accuracy_one",
+    "CAPTION_TOKENIZERS", "TEXT_METRICS", "caption_tokens", "cider", "cider_d", "normalize_answer", "ptb_tokenize",
+    "resolve_caption_tokenizer", "score_text", "tokenize_captions", "vqa_accuracy", "vqa_accuracy_one",
 ]  # fmt: skip

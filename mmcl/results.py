@@ -36,8 +36,10 @@ from mmcl.storage import Storage, open_storage
 
 ACCURACY_COLUMNS = [
     "study", "stage", "trial_id", "variant", "order_id", "seed", "step", "trained_task",
-    "eval_task", "eval_position", "metric_name", "value", "n_samples",
+    "eval_task", "eval_position", "metric_name", "value", "n_samples", "n_eval",
 ]  # fmt: skip
+# n_samples: the task's full test-set size (faa_weighted's weight); n_eval: the samples
+# scored, fewer when evaluation.max_samples caps them.
 ACCURACY_KEY = ["stage", "trial_id", "step", "eval_task"]
 CURVES_KEY = ["stage", "trial_id", "task", "step"]
 TRIALS_KEY = ["stage", "trial_id"]
@@ -88,6 +90,7 @@ class TrialWriter:
                 "metric_name": end.metric_names[name],
                 "value": float(end.row[name]),
                 "n_samples": int(end.n_samples[name]),
+                "n_eval": int(end.n_eval.get(name, end.n_samples[name])),
             }
             for pos, name in enumerate(end.task_names)
         ]

@@ -222,6 +222,13 @@ class EvaluationSpec(Strict):
     # max_new_tokens tokens per answer / caption.
     max_new_tokens: int = Field(default=20, ge=1)
     num_beams: int = Field(default=1, ge=1)
+    # How CIDEr tokenises captions (mmcl/metrics_text.py). "ptb": the Stanford PTB
+    # tokenizer that pycocoevalcap runs (Java, one call per scored task), what published
+    # COCO numbers use; "python": the project's pure-Python tokenizer (no Java; differs on
+    # hyphens, contractions, numbers, symbols, non-ASCII letters); "auto": "ptb" where
+    # `java` is on PATH, else "python". The trials table records which one ran
+    # (env/caption_tokenizer).
+    caption_tokenizer: Literal["auto", "ptb", "python"] = "auto"
 
 
 class RunSpec(Strict):

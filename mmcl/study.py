@@ -74,6 +74,9 @@ class StagePlan(BaseModel):
     # The driver's token in that storage (mmcl.tune.check_storage_reachable); every
     # trial reads it back before it trains. Empty: no check.
     storage_token: str = ""
+    # `mmcl run -v`: trials keep Ray Train's INFO lines (a "Checkpoint successfully
+    # created" per task); off, the console shows mmcl's stage view only.
+    verbose: bool = False
 
     @property
     def num_trials(self) -> int:
@@ -464,8 +467,9 @@ def preflight(study: StudySpec) -> None:
         build_benchmark(study.run.benchmark, image_size=backbone.image_size, preprocess=backbone.preprocess)
 
 
-def run_study(study: StudySpec, out: Storage, resume: bool = False) -> Storage:
-    """Run (or continue) every stage into ``out`` (a local directory or a bucket prefix)."""
+def run_study(study: StudySpec, out: Storage, resume: bool = False, verbose: bool = False) -> Storage:
+    """Run (or continue) every stage into ``out`` (a local directory or a bucket prefix).
+    ``verbose`` shows Ray's and Tune's own output beside mmcl's stage view."""
     # Data first: a missing dataset stops here, before an output directory, Ray or a
     # minutes-long pretraining exists.
     check_study_data(study)
@@ -474,7 +478,7 @@ def run_study(study: StudySpec, out: Storage, resume: bool = False) -> Storage:
     from mmcl.tune import check_storage_reachable, ensure_ray, run_stage
 
     # Then the cluster: an unreachable one stops here too, before anything is written.
-    ensure_ray()
+    ensure_ray(verbose)
     try:
         out.check_writable()
     except StorageError as e:
@@ -498,10 +502,11 @@ def run_study(study: StudySpec, out: Storage, resume: bool = False) -> Storage:
             continue
         plan = plan_stage(study, i, out.uri, best)
         plan.storage_token = token
+        plan.verbose = verbose
         print(f"== stage {i + 1}/{len(study.stages)}: {st.name} ({st.kind}, {plan.num_trials} trials)", flush=True)
         restore = resume and state["stages"].get(st.name, {}).get("started", False)
         _mark(out, st.name, started=True)
-        rows = run_stage(plan, restore=restore)
+        rows = run_stage(plan, restore=restore, verbose=verbose)
         results.write_trials(out, st.name, rows)
         _consolidate(out)
         top = best_of_stage(plan, rows)

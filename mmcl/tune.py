@@ -225,6 +225,10 @@ def _trial(config: dict[str, Any], plan_json: str) -> None:
     from mmcl.engine import NonFiniteLossError, load_state_file, run_continual
 
     plan = StagePlan.model_validate_json(plan_json)
+    if not plan.verbose:
+        # One INFO line per task checkpoint from Ray Train, forwarded to the driver's console.
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
     _check_trial_storage(plan)
     run, meta = plan.resolve(config)
     trial_id = tune.get_context().get_trial_id()
@@ -325,7 +329,7 @@ def _probe(hostport: str, source: str) -> None:
     )
 
 
-def ensure_ray() -> None:
+def ensure_ray(verbose: bool = False) -> None:
     """Connect to the cluster in $RAY_ADDRESS (``ray job submit`` sets it) or start a
     local one. Without $RAY_ADDRESS a new local Ray is started (``address="local"``):
     Ray's default would attach to the cluster recorded in ``/tmp/ray/ray_current_cluster``,
@@ -336,7 +340,8 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     env = {k: v for k, v in os.environ.items() if k.startswith("MMCL_")}
-    kwargs: dict[str, Any] = {"log_to_driver": True}
+    # Trials' own output reaches the driver; Ray's INFO lines only with `mmcl run -v`.
+    kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.INFO if verbose else logging.WARNING}
     if env:
         kwargs["runtime_env"] = {"env_vars": env}
     target = _cluster_address()
@@ -355,13 +360,29 @@ def ensure_ray() -> None:
               "(`ray status`) or unset RAY_ADDRESS", file=sys.stderr, flush=True)  # fmt: skip
         os._exit(2)
 
-    watchdog = threading.Timer(INIT_TIMEOUT_S, give_up)
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        ray.init(**kwargs)
-    finally:
-        watchdog.cancel()
+    # A local start on a machine whose cores are all busy can miss Ray's fixed 30 s for the
+    # raylet to register ("The current node timed out during startup"); one more try, then
+    # a message instead of Ray's traceback.
+    attempts = 2 if target is None else 1
+    for attempt in range(1, attempts + 1):
+        watchdog = threading.Timer(INIT_TIMEOUT_S, give_up)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as e:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e):
+                raise
+            ray.shutdown()
+            if attempt == attempts:
+                raise SpecError(
+                    f"{what} failed {attempts} time(s): {e} Fix: retry when the machine is less busy, or start "
+                    "Ray yourself (`ray start --head`) and set RAY_ADDRESS=auto"
+                ) from None
+            log.warning("%s timed out (the machine is busy); trying once more", what)
+        finally:
+            watchdog.cancel()
 
 
 # --------------------------------------------------------------------------- storage
@@ -454,7 +475,79 @@ def _check_trial_storage(plan: StagePlan) -> None:
         raise StorageNotShared(_not_shared_message(Storage.open(plan.out_dir), where, detail))
 
 
-def _build_tuner(plan: StagePlan, restore: bool) -> tune.Tuner:
+def _trial_label(plan: StagePlan, config: dict[str, Any]) -> str:
+    """A short name for a trial on the console: its sampled values, or variant / order / seed."""
+    try:
+        overrides, meta = plan.trial_overrides(config or {})
+    except Exception:  # a config Tune has not filled yet
+        return ""
+    if plan.kind == "search":
+        text = " ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                        for k, v in overrides.items())  # fmt: skip
+    else:
+        text = " ".join(str(x) for x in (meta["variant"], meta["order_id"] if meta["order_id"] != "default" else "",
+                                         f"seed {meta['seed']}") if x)  # fmt: skip
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _ConsoleCallback(tune.Callback):
+    """Feeds Tune's trial events to the stage's :class:`mmcl.progress.StageProgress`."""
+
+    def __init__(self, plan: StagePlan, view):
+        self.plan, self.view = plan, view
+
+    # Tune pickles its run config (callbacks included) with the experiment; the view holds
+    # the console stream, which is this driver's only: a restored stage gets a new one.
+    def __getstate__(self):
+        return {"plan": self.plan, "view": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+    def _end(self, trial, errored: bool = False) -> None:
+        last = trial.last_result or {}
+        if errored or last.get("error"):
+            error = str(last.get("error") or getattr(trial, "error_msg", "") or "error")
+            self.view.finished(trial.trial_id, "errored", error)
+        elif int(last.get("task", 0)) < self.plan.n_tasks:
+            self.view.finished(trial.trial_id, "stopped")  # ASHA (or a stopper) ended it early
+        else:
+            self.view.finished(trial.trial_id, "completed")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if self.view is None:
+            return
+        self.view.started(trial.trial_id, _trial_label(self.plan, trial.config))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.view is None:
+            return
+        self.view.result(trial.trial_id, int(result.get("task", 0)), result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if self.view is None:
+            return
+        self._end(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if self.view is None:
+            return
+        self._end(trial, errored=True)
+
+    def on_step_end(self, iteration, trials, **info):
+        if self.view is None:
+            return
+        # Trials a restored stage finished before the interruption send no events.
+        for trial in trials:
+            if trial.trial_id not in self.view.trials and trial.status in ("TERMINATED", "ERROR"):
+                self.view.started(trial.trial_id, _trial_label(self.plan, trial.config))
+                self.view.result(trial.trial_id, int((trial.last_result or {}).get("task", 0)), trial.last_result or {})
+                self._end(trial, errored=trial.status == "ERROR")
+        self.view.tick()
+
+
+def _build_tuner(plan: StagePlan, restore: bool, callbacks: list | None = None, verbose: bool = False) -> tune.Tuner:
     # reuse_actors: a trial's process (torch, open_clip, the benchmark cache) serves the
     # next trial too, instead of a fresh interpreter per trial.
     trainable = tune.with_resources(
@@ -468,7 +561,14 @@ def _build_tuner(plan: StagePlan, restore: bool) -> tune.Tuner:
     exp_path = ray_dir.path(plan.stage)
     if restore and tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         print(f"   restoring stage {plan.stage} from {ray_dir.where(plan.stage)}", flush=True)
-        return tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
+        # A restored Tuner keeps the RunConfig it was saved with; the console callback and
+        # verbosity are this driver's, so they are set on the restored run config.
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
+        rc = tuner._local_tuner._run_config if getattr(tuner, "_local_tuner", None) else None
+        if rc is not None:
+            rc.callbacks = list(callbacks or [])
+            rc.verbose = 1 if verbose else 0
+        return tuner
 
     run_config = tune.RunConfig(
         name=plan.stage,
@@ -476,7 +576,10 @@ def _build_tuner(plan: StagePlan, restore: bool) -> tune.Tuner:
         storage_filesystem=fs,
         failure_config=tune.FailureConfig(max_failures=plan.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        verbose=1,
+        # Tune's own per-trial boxes and tables only with `mmcl run -v`: mmcl's stage view
+        # (mmcl/progress.py, fed by the callback) says what a researcher needs.
+        verbose=1 if verbose else 0,
+        callbacks=list(callbacks or []),
     )
     if plan.kind == "search":
         from search_spaces import get_space
@@ -522,11 +625,25 @@ def _sampler(plan: StagePlan):
     return optuna.samplers.TPESampler(seed=plan.sampler_seed)
 
 
-def run_stage(plan: StagePlan, restore: bool = False) -> list[dict[str, Any]]:
-    """Run one stage on Ray; return one trials-table row per trial."""
-    ensure_ray()
-    with interrupt.tune_run():
-        grid = _build_tuner(plan, restore).fit()
+def run_stage(plan: StagePlan, restore: bool = False, verbose: bool = False) -> list[dict[str, Any]]:
+    """Run one stage on Ray; return one trials-table row per trial. The console shows the
+    stage's live view (mmcl/progress.py); ``verbose`` brings Tune's own output back."""
+    from mmcl.progress import StageProgress
+
+    ensure_ray(verbose)
+    if not verbose:
+        # Tune warns on every stage that per-task checkpoints snapshot its state often;
+        # that is by design here (a failed trial resumes from its last finished task).
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        # Tune's new output engine prints its configuration box and result paths even at
+        # verbose=0; the legacy engine at verbosity 0 prints nothing (read at fit time).
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    view = StageProgress(plan.stage, plan.num_trials, plan.n_tasks)
+    try:
+        with interrupt.tune_run():
+            grid = _build_tuner(plan, restore, [_ConsoleCallback(plan, view)], verbose).fit()
+    finally:
+        view.close()
     if interrupt.interrupted():
         # Tune marks the trials it cut off TERMINATED: only the signal tells.
         raise StageInterrupted(

@@ -1,8 +1,10 @@
 """DAGR: the graph's alpha, beta, gamma, K, top-k, tau, the three lambdas and their depth
 decay, plus DIKI's knobs (SGD lr, prompt length and depth).
 
-Like DIKI's space it fixes SGD without weight decay (DIKI's protocol) and searches lr on a
-log scale around 5.0. Depth is clipped to each tower's blocks by the method.
+Like DIKI's space it fixes SGD without weight decay and searches lr on a log scale around
+5.0; momentum and clipping come from the study's ``training`` block (DIKI's protocol:
+``momentum: 0.0``, ``grad_clip: null``, as ``studies/mtil_dagr.yaml``). Depth is clipped
+to each tower's blocks by the method.
 """
 
 from search_spaces._common import training_knobs

@@ -1,7 +1,10 @@
 """DIKI: prompt length and depth, and the learning rate of the prompts.
 
-DIKI trains its prompts with plain SGD at a high rate (lr 5.0, cosine, weight decay 0), so
-this space fixes the optimizer to SGD and searches lr on a log scale around that value.
+DIKI trains its prompts with plain SGD at a high rate (lr 5.0, cosine, weight decay 0, no
+momentum, no gradient clipping), so this space fixes the optimizer to SGD without weight
+decay and searches lr on a log scale around that value. Momentum and clipping are not
+searched: they come from the study's ``training`` block (DIKI's are ``momentum: 0.0``,
+``grad_clip: null``, as ``studies/mtil_dagr.yaml`` sets them).
 Depth is clipped to each tower's number of blocks by the method (12 for ViT-B/16, 3 / 2
 for the tiny CLIP), so one space serves every backbone.
 """

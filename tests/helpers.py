@@ -140,3 +140,24 @@ def tiny_gen_run(
             "evaluation": {"batch_size": 8, "max_new_tokens": 6},
         }
     )
+
+
+def run_notebook(path: Path, results: Path, timeout_s: int = 300):
+    """Execute a notebook top to bottom on a real kernel (nbclient) with MMCL_RESULTS set;
+    any cell error raises (nbclient's CellExecutionError, naming the cell)."""
+    import os
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    old = os.environ.get("MMCL_RESULTS")
+    os.environ["MMCL_RESULTS"] = str(results)  # the kernel inherits the environment
+    try:
+        NotebookClient(nb, timeout=timeout_s, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    finally:
+        if old is None:
+            os.environ.pop("MMCL_RESULTS", None)
+        else:
+            os.environ["MMCL_RESULTS"] = old
+    return nb

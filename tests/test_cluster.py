@@ -11,6 +11,7 @@ import pandas as pd
 import yaml
 
 from .conftest import REPO
+from .helpers import run_notebook
 
 
 def test_cluster_yaml_passes_rays_own_validation():
@@ -53,9 +54,18 @@ def test_smoke_study_through_ray_job_submit(ray_cluster, tmp_path):
     acc = pd.read_parquet(out / "accuracy.parquet")
     assert set(trials.stage) == {"search", "ablation", "orders"}
     assert not acc.duplicated(["stage", "trial_id", "step", "eval_task"]).any()
-    assert (out / "report.md").exists()
-    # The job printed the per-stage summary.
+    assert (out / "report.md").exists() and (out / "report.html").exists()
+    # The job printed the per-stage summary, and a log a researcher can read.
     assert "avg" in r.stdout.lower() and "bwt" in r.stdout.lower()
+    from .test_shipped_studies import check_console
+
+    # The driver's own output, without the job client's header and footer.
+    check_console(r.stdout[r.stdout.index("== stage 1/") : r.stdout.rindex("report.html") + len("report.html")], out)
+    # The quickstart notebook runs top to bottom on these results, every figure drawn.
+    nb = run_notebook(REPO / "analysis" / "notebooks" / "quickstart.ipynb", out)
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    n_stages = trials["stage"].nunique()
+    assert len(images) >= 2 * n_stages + n_stages + 1, len(images)  # heatmap + curves per stage, a plot per stage, Avg vs Last
 
 
 def _readme_cluster_command() -> str:

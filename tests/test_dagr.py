@@ -260,3 +260,20 @@ def test_search_space_names_run_keys():
              "lambda_decay", "prompt_length", "prompt_depth"}
     assert {f"method.{n}" for n in names} | {"training.lr"} <= set(point)
     assert point["training.optimizer"] == "sgd"
+
+
+def test_batchwise_routing_reaches_dagr():
+    # DAGR inherits DIKI's test-time routing: the option set in the run's method config
+    # routes a whole test batch to its majority set, with the batch mean of w for text.
+    from .test_diki import _expected_logits, _trained_diki, _two_gaussian_routes
+
+    prep, m, images = _trained_diki("dagr", {"num_nodes": K, "graph_samples": 16, "routing": "batchwise"})
+    assert isinstance(m, DAGR) and m.config.routing == "batchwise"
+    with torch.no_grad():
+        images, sets, w = _two_gaussian_routes(m, images)
+        assert (sets == 1).sum() > (sets == 0).sum() > 0  # the per-sample routes disagree
+        got_sets, _ = m.route(images, prep.tasks[1])
+        assert (got_sets == 1).all()
+        ones = torch.ones(len(images), dtype=torch.long)
+        want = _expected_logits(m, images, prep.tasks[1], ones, w, {1: float(w.mean())})
+        torch.testing.assert_close(m.predict({"image": images}, prep.tasks[1]), want, atol=1e-4, rtol=0)

@@ -74,10 +74,108 @@ def test_norm_modes_differ_per_tensor_vs_global():
     assert torch.allclose(total, torch.tensor(math.sqrt(2)))
 
 
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _random_case(seed: int, d_scale: float):
+    """Three tensors of different shapes with their own gradients and an old optimum; the
+    first tensor's pull is large against its gradient, the others' small, so a per-tensor
+    cap and the one-vector cap give different answers."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(4, 3), (5,), (2, 2, 2)]
+    params = [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    scales = [d_scale * 10.0, d_scale * 0.1, d_scale * 0.1]
+    star = [p.detach() - k * torch.randn(p.shape, generator=g) for p, k in zip(params, scales)]
+    for p, k in zip(params, [0.1, 1.0, 1.0]):
+        p.grad = k * torch.randn(p.shape, generator=g)
+    return params, star
+
+
+def test_default_ghat_is_one_vector_parallel_to_theta_minus_theta_star():
+    """DGG's formula on the flattened parameter vector: g_hat = d * min(1, ||g|| / ||d||)."""
+    assert GuidanceSettings().norm == "global"
+    from cl_methods._dgg import DGGSettings
+
+    assert DGGSettings().norm == "global" and DGGSettings().guidance().norm == "global"
+    for d_scale, capped in ((1.0, True), (1e-3, False)):
+        params, star = _random_case(0, d_scale)
+        d = _flat([p.detach() for p in params]).double() - _flat(star).double()
+        g = _flat([p.grad for p in params]).double()
+        assert (d.norm() > g.norm()) == capped
+        expected = d * min(1.0, float(g.norm() / d.norm()))
+        got = _flat(guidance_terms(params, star)).double()  # the default
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+        cos = torch.dot(got, d) / (got.norm() * d.norm())
+        assert float(cos) > 1 - 1e-6  # parallel to theta - theta* as a whole
+        if capped:
+            assert math.isclose(float(got.norm()), float(g.norm()), rel_tol=1e-5)  # the cap: ||g_hat|| = ||g||
+        # add_guidance adds exactly that vector to the gradients
+        before = g.clone()
+        add_guidance(params, star)
+        torch.testing.assert_close(_flat([p.grad for p in params]).double(), before + expected, rtol=1e-5, atol=1e-7)
+
+
+def test_per_tensor_option_caps_each_tensor_by_its_own_gradient():
+    params, star = _random_case(1, 1.0)
+    got = guidance_terms(params, star, norm="per_tensor")
+    for p, s, gh in zip(params, star, got):
+        d = (p.detach() - s).double()
+        expected = d * min(1.0, float(p.grad.double().norm() / d.norm()))
+        torch.testing.assert_close(gh.double(), expected, rtol=1e-5, atol=1e-7)
+    # the large pull of the first tensor is cut to its small gradient, the others pass
+    # whole: not parallel to theta - theta* as one vector
+    d = _flat([p.detach() for p in params]) - _flat(star)
+    flat = _flat(got)
+    assert float(torch.dot(flat, d) / (flat.norm() * d.norm())) < 0.999
+    with pytest.raises(ValueError, match="norm must be"):
+        guidance_terms(params, star, norm="layer")
+
+
+def test_guidance_is_added_after_clipping_the_real_gradient():
+    """Through the real engine, one SGD step (lr 1, no momentum) of task 2 with a clip far
+    below the gradient's norm. theta* is set to theta + delta with ||delta|| = c / 2, so
+    g_hat = -delta whole (||d|| <= ||g||). Guidance after the clip: update = -(clip(g) -
+    delta), so ||update - delta|| = c exactly. Guidance before the clip (the earlier order)
+    would give update = -clip(g - delta): its norm is c and ||update - delta|| is about
+    1.12 c for a random delta, and the pull would shrink to c / ||g|| of its size."""
+    c, lr = 1e-2, 1.0
+    run = tiny_run(method="dgg", config={"lora": {"rank": 4}, "alpha": 1.0, "buffer_size": 0}, num_tasks=2,
+                   steps=1, optimizer="sgd", momentum=0.0, lr=lr, schedule="constant", grad_clip=c)
+    prep = prepare(run)
+    gen = torch.Generator().manual_seed(5)
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def on_end(e):
+        if e.step == 1:  # task 1 done, theta* snapshotted; task 2 not started
+            params = prep.method.guide.params
+            seen["before"] = [p.detach().clone().double() for p in params]
+            delta = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+            k = 0.5 * c / float(_flat(delta).norm())
+            seen["delta"] = [k * x for x in delta]
+            prep.method.guide.theta_star = [(p.detach().double() + x).float() for p, x in zip(params, seen["delta"])]
+
+    run_continual(run, prepared=prep, on_task_end=on_end)
+    assert prep.method.guide.injections == 1
+    after = _flat([p.detach().double() for p in prep.method.guide.params])
+    update = after - _flat(seen["before"])  # = -lr * (the gradient the step applied)
+    delta = _flat(seen["delta"])
+    clipped_real = -update / lr + delta  # the step's gradient minus g_hat (= -delta)
+    assert math.isclose(float(clipped_real.norm()), c, rel_tol=2e-3), float(clipped_real.norm()) / c
+    # the applied gradient is larger than the clip: the pull was not clipped with it
+    assert float((update / lr).norm()) != pytest.approx(c, rel=2e-3)
+
+
 def test_a_missing_gradient_gets_no_pull():
-    (p,) = _params([1.0, 1.0])
-    add_guidance([p], [torch.zeros(2)])  # p.grad is None: ||g|| = 0 caps g_hat to 0
-    assert torch.equal(p.grad, torch.zeros(2))
+    for norm in ("global", "per_tensor"):
+        (p,) = _params([1.0, 1.0])
+        add_guidance([p], [torch.zeros(2)], norm=norm)  # p.grad is None: ||g|| = 0 caps g_hat to 0
+        assert torch.equal(p.grad, torch.zeros(2))
+    # per tensor, an unused tensor beside a used one is never moved
+    a, b = _params([1.0, 1.0], [1.0, 1.0])
+    a.grad = torch.tensor([3.0, 4.0])
+    add_guidance([a, b], [torch.zeros(2), torch.zeros(2)], norm="per_tensor")
+    assert torch.equal(b.grad, torch.zeros(2))
 
 
 def test_guided_step_on_a_quadratic_moves_toward_the_old_optimum():

@@ -4,9 +4,11 @@ the Gaussian task identifier, capture mode, and the method inside the engine."""
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cl_methods import build_method, get_method_class
 from cl_methods._prompted_clip import LayerCapture, PromptedCLIP
@@ -324,3 +326,124 @@ def test_search_space_names_run_keys():
     point = _sample_space("diki", tiny_run(method="diki"), "test")
     assert point["training.optimizer"] == "sgd"
     assert {"method.prompt_length", "method.prompt_depth", "training.lr"} <= set(point)
+
+
+# --------------------------------------------------------------------------- routing
+
+
+def test_majority_set_counts_and_breaks_ties_low():
+    from cl_methods.diki import majority_set
+
+    assert majority_set(torch.tensor([2, 0, 2, 1, 0, 2])) == 2  # 3 x set 2, 2 x set 0, 1 x set 1
+    assert majority_set(torch.tensor([3, 3, 1, 0, 1, 0, 1])) == 1  # 3 x set 1 beats 2 x sets 0, 3
+    assert majority_set(torch.tensor([1, 0, 0, 1])) == 0  # 2 : 2, the lower set
+    assert majority_set(torch.tensor([4])) == 4
+
+
+def _two_gaussian_routes(m, images):
+    """Replace ``m``'s task Gaussians by two isotropic ones centred near the frozen
+    features of two images of the batch, so that the batch's per-sample routes disagree,
+    and order the batch so that its first sample is in the minority. Returns (images, the expected
+    per-sample sets, the expected w), derived here from the Gaussian density itself:
+    with equal isotropic covariances the most likely task is the nearest centre, and
+    w = sigmoid(log N(f; mu, s2 I) / D - 1)."""
+    f = m.backbone.encode_image(images, normalize=True).double()
+    d = f.shape[1]
+    near = torch.cdist(f, f[:2]).argmin(1)  # 0: nearer to image 0, 1: nearer to image 1
+    assert near[0] == 0 and near[1] == 1  # each centre is its own image: the routes disagree
+    major = int((near == 1).sum() > (near == 0).sum())  # odd batch: no tie
+    # Set 0 = the minority's centre, set 1 = the majority's (so taking set 0 or the first
+    # sample's set would be wrong). Both centres move by one vector u orthogonal to their difference, which keeps every
+    # sample's nearest centre and adds |u|^2 to every squared distance. The tiny CLIP's
+    # random-init features lie close together (squared distances 0.01-0.08), so s2 = 0.02
+    # / D and |u|^2 = 0.1 put w in (0.1, 0.5), spread over the batch.
+    g = torch.Generator().manual_seed(7)
+    diff = F.normalize(f[major] - f[1 - major], dim=0)
+    u = torch.randn(d, generator=g, dtype=torch.float64)
+    u = math.sqrt(0.1) * F.normalize(u - (u @ diff) * diff, dim=0)
+    centres = [f[1 - major] + u, f[major] + u]
+    order = torch.cat([torch.nonzero(near != major).flatten(), torch.nonzero(near == major).flatten()])
+    images, f = images[order], f[order]
+    s2 = 0.02 / d
+    m.identifier.load_state_dict({
+        "means": centres,
+        "chols": [math.sqrt(s2) * torch.eye(d, dtype=torch.float64)] * 2,
+        "shrink_used": [0.0, 0.0],
+    })
+    dist2 = torch.cdist(f, torch.stack(centres)) ** 2  # [B, 2]
+    sets = dist2.argmin(1)
+    logp = -0.5 * (dist2.min(1).values / s2 + d * math.log(2 * math.pi * s2))
+    w = torch.sigmoid(logp / d - 1.0).float()
+    return images, sets, w
+
+
+def _expected_logits(m, images, task, sets, w, text_w):
+    """Logits from the prompted towers directly: image j with set ``sets[j]`` and weight
+    ``w[j]``; the class head of set s at weight ``text_w[s]`` (templates averaged)."""
+    tmpls = list(task.templates) or ["{}"]
+    tokens = m.backbone.tokenize([t.format(c) for c in task.classnames for t in tmpls])
+    out = torch.empty(len(images), len(task.classnames))
+    for s in sets.unique().tolist():
+        sel = sets == s
+        feats = m.prompted.encode_image(images[sel], sets=s, weight=w[sel]).float()
+        emb = m.prompted.encode_text(tokens, sets=s, weight=text_w[s], normalize=True).float()
+        head = F.normalize(emb.view(len(task.classnames), len(tmpls), -1).mean(1), dim=-1)
+        out[sel] = m.backbone.logit_scale() * feats @ head.T
+    return out
+
+
+def _trained_diki(method="diki", config=None, n_images=7):
+    run = tiny_run(method=method, config={"prompt_length": 2, **(config or {})}, num_tasks=2, steps=2,
+                   optimizer="sgd", lr=1.0)
+    prep = prepare(run)
+    run_continual(run, prepared=prep)
+    m = prep.method
+    with torch.no_grad():  # strong, different prompts: which set and which w is used shows
+        g = torch.Generator().manual_seed(3)
+        for ps in m.prompted.prompts:
+            for p in (ps.image_values, ps.text_values):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    batch = next(iter(torch.utils.data.DataLoader(prep.tasks[0].test, batch_size=n_images)))
+    assert len(batch["image"]) == n_images
+    return prep, m, batch["image"]
+
+
+def test_batchwise_routing_gives_the_batch_the_majority_set_and_the_mean_weight():
+    prep, m, images = _trained_diki()
+    with torch.no_grad():
+        _check_routing(prep, m, images)
+
+
+def _check_routing(prep, m, images):
+    assert m.config.routing == "per_sample"  # the default: today's per-sample routing
+    images, sets, w = _two_gaussian_routes(m, images)
+    task = prep.tasks[0]
+    assert sets[0] == 0 and (sets == 1).sum() > (sets == 0).sum() > 0  # routes disagree, 1 is the majority
+    assert 0.05 < float(w.min()) and float(w.max()) < 0.95 and float(w.max() - w.min()) > 0.01
+
+    # per_sample (unchanged): own set each, text weight = the mean w of the set's samples
+    got_sets, got_w = m.route(images, task)
+    assert torch.equal(got_sets, sets)
+    torch.testing.assert_close(got_w, w, atol=1e-5, rtol=0)
+    per_set_w = {s: float(w[sets == s].mean()) for s in (0, 1)}
+    per_sample = m.predict({"image": images}, task)
+    torch.testing.assert_close(per_sample, _expected_logits(m, images, task, sets, w, per_set_w), atol=1e-4, rtol=0)
+
+    # batchwise: every sample uses set 1 (the majority), keeps its own w; text weight = mean w
+    m.config = m.config.model_copy(update={"routing": "batchwise"})
+    got_sets, got_w = m.route(images, task)
+    assert (got_sets == 1).all()
+    torch.testing.assert_close(got_w, w, atol=1e-5, rtol=0)
+    ones = torch.ones(len(images), dtype=torch.long)
+    batchwise = m.predict({"image": images}, task)
+    mean_w = {1: float(w.mean())}
+    torch.testing.assert_close(batchwise, _expected_logits(m, images, task, ones, w, mean_w), atol=1e-4, rtol=0)
+    # and the test can tell: the minority's own set, or text at w = 1, give other logits
+    assert (batchwise[0] - per_sample[0]).abs().max() > 1e-2
+    other = _expected_logits(m, images, task, ones, w, {1: 1.0})
+    assert (batchwise - other).abs().max() > 1e-2
+
+
+def test_routing_is_validated():
+    with pytest.raises(ValueError, match="routing"):
+        build_method("diki", {"routing": "majority"})

@@ -309,6 +309,32 @@ def test_fedex_expands_if_any_earlier_task_on_the_adapter_is_harmed():
     assert interference([torch.zeros(2)], [torch.zeros(2)], [torch.zeros(2)])[2] == 0.0
 
 
+def test_minibatch_fisher_is_the_mean_of_squared_batch_gradients():
+    # ECA's update_Q_fisher: one gradient per training mini-batch; g and F are running
+    # means over the batches (a short last batch counts as one batch).
+    w = torch.nn.Parameter(torch.randn(3))
+    xs, ys = torch.randn(10, 3), torch.randn(10)
+    batches = [(xs[i : i + 4], ys[i : i + 4]) for i in range(0, 10, 4)]  # 4, 4, 2
+    loss_fn = lambda b: ((b[0] @ w - b[1]) ** 2).mean()  # noqa: E731
+    mean, fisher, n = gradient_stats([w], batches, loss_fn, lambda b: len(b[0]))
+    # d/dw mean_i (x_i.w - y_i)^2 = 2/|b| sum_i (x_i.w - y_i) x_i, written out by hand.
+    per_batch = [2 * ((x @ w - y)[:, None] * x).sum(0).detach() / len(x) for x, y in batches]
+    assert n == 10
+    torch.testing.assert_close(mean[0], sum(per_batch) / 3)
+    torch.testing.assert_close(fisher[0], sum(g**2 for g in per_batch) / 3)
+    # Not the per-sample Fisher: batching shrinks its variance part.
+    per_sample = torch.stack([2 * (xs[i] @ w - ys[i]) * xs[i] for i in range(10)]).detach()
+    assert (fisher[0] < (per_sample**2).mean(0)).all()
+
+
+def test_eca_fisher_defaults_are_ecas():
+    from cl_methods.eca import ECAConfig
+
+    cfg = ECAConfig()
+    assert cfg.fisher_batch_size == 16 and cfg.fisher_max_samples is None  # ECA: batch 16, whole loader
+    assert cfg.fisher().batch_size == 16 and ECAConfig(fisher_batch_size=1).fisher().batch_size == 1
+
+
 def test_gradient_stats_are_per_sample_mean_and_empirical_fisher():
     w = torch.nn.Parameter(torch.randn(3))
     xs, ys = torch.randn(7, 3), torch.randn(7)
@@ -323,6 +349,27 @@ def test_gradient_stats_are_per_sample_mean_and_empirical_fisher():
 
 
 # --------------------------------------------------------------------------- dictionary
+
+
+def test_every_atom_carries_data_with_fewer_samples_than_atoms():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(2, 12, generator=g)
+    data = torch.rand(5, 2, generator=g) @ basis  # 5 samples in a 2-dim cone, 16 atoms
+    d = OnlineDictionary(DictionarySettings(size=16, alpha=0.05, max_iter=300), dim=12)
+    d._init_atoms(data, g)
+    init = d.atoms.clone()  # 5 data atoms + 11 random unit vectors
+    assert not d.fitted[5:].any()
+    d.partial_fit(data, g)
+    assert d.fitted.all()
+    used = d.A.diagonal() > 1e-6
+    assert (~used).any()  # the case that matters: some atoms no code touched
+    cos = torch.nn.functional.normalize(d.atoms, dim=1) @ torch.nn.functional.normalize(data, dim=1).T
+    for j in range(16):
+        # An unused atom is re-drawn from a sample (1% noise); a used one moved by BCD.
+        assert used[j] or cos[j].max() > 0.99, j
+        if j >= 5:
+            assert not torch.allclose(d.atoms[j], init[j], atol=1e-3), j
+    assert (d.atoms.norm(dim=1) <= 1 + 1e-5).all()
 
 
 def test_nonnegative_sparse_codes_match_sklearn():
@@ -395,6 +442,7 @@ def make_method(model, n_tasks: int = 2, **overrides):
 
 def train_task(method, t: int, steps: int = 3, lr: float = 5e-2):
     method.ctx.generator.manual_seed(100 + t)
+    torch.manual_seed(200 + t)  # dropout draws from the global generator (as the engine reseeds it)
     method.before_task(t, None)
     opt = torch.optim.AdamW(method.trainable_parameters(), lr=lr, weight_decay=0.05)
     data = method.ctx.train_sets[t]
@@ -566,4 +614,154 @@ def test_no_moq_keeps_the_pretrained_queries(fresh_model):
     finally:
         handle.remove()
     torch.testing.assert_close(seen[0], fresh_model.query_tokens.expand(2, -1, -1), rtol=0, atol=0)
+    method.remove_hooks()
+
+
+# --------------------------------------------------------------------------- what trains, and in which mode
+
+
+def eca_trainable_count(qformer_layers, cross_every, hidden, attn_width, ffn_width, vision_width, n_query, lm_width):
+    """ECA's trainable parameters from the model dims alone: one adapter per site
+    (self and FFN on every Q-Former layer, cross on every ``cross_every``-th), one task's
+    key and queries, and the Q-Former-to-LLM projection (weights and biases)."""
+    adapter = lambda w: hidden * w + w + w * hidden + hidden  # noqa: E731 - down + up, with biases
+    n_cross = len(range(0, qformer_layers, cross_every))
+    adapters = qformer_layers * (adapter(attn_width) + adapter(ffn_width)) + n_cross * adapter(attn_width)
+    return adapters + (vision_width + n_query * hidden) + (hidden * lm_width + lm_width)
+
+
+def test_trainable_count_formula_gives_ecas_12_29m_on_blip2_opt_2_7b():
+    # BLIP-2 OPT-2.7B: Q-Former 12 x 768 (cross-attention every 2nd layer), 32 queries,
+    # ViT-g 1408, OPT 2560; ECA's widths 30 / 512. The paper's figures, term by term.
+    assert eca_trainable_count(12, 2, 768, 30, 512, 1408, 32, 2560) == 12_290_972
+    assert eca_trainable_count(12, 2, 768, 30, 512, 0, 0, 0) == 10_296_348  # the adapters alone
+
+
+def test_trainable_parameters_include_the_projection_and_it_trains(fresh_model):
+    method = make_method(fresh_model, expansion="never", replay=False)
+    method.before_task(0, None)
+    params = method.trainable_parameters()
+    proj = fresh_model.language_projection
+    assert all(p.requires_grad for p in proj.parameters())
+    assert {id(p) for p in proj.parameters()} <= {id(p) for p in params}
+    # The tiny model: Q-Former 2 x 64 with cross-attention on both layers, widths 4 / 8,
+    # ViT 64, 8 queries, OPT 64.
+    assert sum(p.numel() for p in params) == eca_trainable_count(2, 1, 64, 4, 8, 64, N_QUERY, 64)
+    before = proj.weight.detach().clone()
+    method.remove_hooks()
+    method = make_method(tiny_blip2(), expansion="never", replay=False)
+    train_task(method, 0)
+    assert not torch.equal(method.model.language_projection.weight, before)
+    frozen = make_method(tiny_blip2(), train_projection=False)
+    frozen.before_task(0, None)
+    assert not any(p.requires_grad for p in frozen.model.language_projection.parameters())
+    method.remove_hooks()
+    frozen.remove_hooks()
+
+
+def test_replay_target_uses_the_old_projection(fresh_model):
+    method = make_method(fresh_model, moq=False, expansion="always")
+    train_task(method, 0)
+    method.before_task(1, None)  # the new adapter copies the old one: same function
+    assert method.replay_loss().item() == 0.0
+    with torch.no_grad():
+        method.model.language_projection.weight.add_(0.05)
+    # Were the current projection the target's, the loss would stay 0.
+    loss = method.replay_loss()
+    assert loss.item() > 0
+    old_proj = method._old.projection
+    assert old_proj is not method.model.language_projection and not old_proj.weight.requires_grad
+    method.remove_hooks()
+
+
+def _mode_recorder(model):
+    log: list[tuple[str, str, bool]] = []
+    phase = {"now": ""}
+    handles = []
+    for m in model.qformer.modules():
+        if isinstance(m, torch.nn.Dropout):
+            handles.append(m.register_forward_hook(lambda mod, a, o: log.append((phase["now"], "qformer", mod.training))))
+    # OPT and the ViT apply dropout functionally, gated by each layer's own .training.
+    for name, layers in (("llm", model.language_model.model.decoder.layers), ("vision", model.vision_model.encoder.layers)):
+        for layer in layers:
+            handles.append(layer.register_forward_hook(lambda mod, a, o, n=name: log.append((phase["now"], n, mod.training))))
+    return log, phase, handles
+
+
+def _modes(log, phase):
+    out: dict[str, set] = {}
+    for p, part, training in log:
+        if p == phase:
+            out.setdefault(part, set()).add(training)
+    return out
+
+
+@pytest.mark.parametrize("dropout, fisher_dropout", [("lavis", True), ("qformer", False)])
+def test_dropout_is_on_in_training_steps_and_off_in_eval_and_dictionary(fresh_model, dropout, fisher_dropout):
+    method = make_method(fresh_model, dropout=dropout, fisher_dropout=fisher_dropout)
+    log, phase, handles = _mode_recorder(fresh_model)
+    try:
+        train_task(method, 0, steps=1)
+        method.before_task(1, None)
+        phase["now"] = "train"
+        method.training_loss(collate(method.ctx.train_sets[1][:4]), 1)
+        phase["now"] = "fisher"
+        method._grad_stats(1, with_fisher=True)
+        phase["now"] = "dictionary"
+        method._fit_dictionary(1)
+        phase["now"] = "eval"
+        method.predict(collate(samples(2, seed=7)), None)
+    finally:
+        for h in handles:
+            h.remove()
+    train = _modes(log, "train")
+    # Q-Former on (the old model's replay forward off: both seen), LLM as LAVIS, ViT off.
+    assert train["qformer"] == {True, False}
+    assert train["llm"] == ({True} if dropout == "lavis" else {False})
+    assert train["vision"] == {False}
+    fisher = _modes(log, "fisher")
+    assert fisher["qformer"] == {fisher_dropout} and fisher["vision"] == {False}
+    assert fisher["llm"] == {fisher_dropout and dropout == "lavis"}
+    assert _modes(log, "dictionary") == {"vision": {False}}  # the ViT alone, in eval
+    assert all(v == {False} for v in _modes(log, "eval").values()) and _modes(log, "eval")
+    method.remove_hooks()
+
+
+def test_replay_old_forward_in_eval_current_in_train(fresh_model):
+    method = make_method(fresh_model, expansion="never")
+    train_task(method, 0, steps=1)
+    method.before_task(1, None)
+    seen: list[bool] = []
+    drop = next(m for m in fresh_model.qformer.modules() if isinstance(m, torch.nn.Dropout))
+    h = fresh_model.qformer.register_forward_pre_hook(lambda m, a, kw: seen.append(drop.training), with_kwargs=True)
+    try:
+        method.training_loss(collate(method.ctx.train_sets[1][:4]), 1)
+    finally:
+        h.remove()
+    assert seen == [True, False, True]  # the step, the old model (eval), the current model
+    method.remove_hooks()
+
+
+def test_fedex_measures_the_new_gradient_before_the_new_key(fresh_model):
+    method = make_method(fresh_model, fisher_threshold=0.0)
+    train_task(method, 0, steps=1)
+    keys_seen: list[int] = []
+    orig = method._grad_stats
+    method._grad_stats = lambda t, with_fisher: (keys_seen.append(method.moq.num_tasks), orig(t, with_fisher))[1]
+    method.before_task(1, None)
+    assert keys_seen == [1] and method.moq.num_tasks == 2
+    method.remove_hooks()
+
+
+def test_every_replayed_atom_was_fitted_on_data(fresh_model):
+    method = make_method(fresh_model, dictionary_size=24, dictionary_max_images=2, patches_per_image=4)
+    train_task(method, 0, steps=1)  # 2 images x 4 patches = 8 patches for 24 atoms
+    d = method.dictionary
+    assert d.fitted.all()
+    # No atom is a random unit vector: each is a (re-drawn) patch or was updated by codes.
+    used = d.A.diagonal() > 1e-6
+    assert (~used).any()
+    patches = method.image_embeds(collate(method.ctx.train_sets[0]))[:, 1:].reshape(-1, 64).float()
+    cos = torch.nn.functional.normalize(d.atoms, dim=1) @ torch.nn.functional.normalize(patches, dim=1).T
+    assert (used | (cos.max(1).values > 0.99)).all()
     method.remove_hooks()

@@ -52,6 +52,12 @@ def test_eca_trains_evaluates_and_resumes_exactly():
     assert {"loss/ce", "loss/orth", "loss/key", "loss/replay"} <= terms
     method = p.method
     assert method.moq.num_tasks == 2 and method.dictionary.ready
+    # mmcl:tiny: Q-Former 2 x 64 with cross-attention on every 2nd layer, widths 4 / 8,
+    # ViT 64, 8 queries, OPT 64; the projection is among what trains (ECA's opt_proj).
+    from tests.test_eca import eca_trainable_count
+
+    assert full.trainable_params == eca_trainable_count(2, 2, 64, 4, 8, 64, 8, 64)
+    assert method.dictionary.fitted.all()
     assert len(method.adapter_of_task) == 2
     # Task 1's key and offset trained; task 0's stayed as task 0 left them.
     state_after_0 = ends[1].state["method"]

@@ -133,3 +133,44 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="refused to load"):
         load_state_file(bad)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_faa_weighted_uses_full_test_sizes_when_evaluation_is_capped(tmp_path):
+    """evaluation.max_samples scores 10 samples per task, but faa_weighted weights each task
+    by its whole test set (4 test images per class: shapes 5 classes, colors 6, patterns
+    4), in the engine's metrics, in the results tables read back, and after a resume."""
+    from analysis import load
+    from analysis.metrics import cl_metrics
+    from mmcl.results import TrialWriter, consolidate
+
+    run = tiny_run("finetune", num_tasks=3, steps=2, lr=1e-2)
+    run = run.model_copy(update={"evaluation": run.evaluation.model_copy(update={"max_samples": 10})})
+    ends = []
+    result = run_continual(run, on_task_end=ends.append)
+    full = {"shapes": 5 * 4, "colors": 6 * 4, "patterns": 4 * 4}
+    assert result.task_names == list(full)
+    assert ends[-1].n_samples == full and ends[-1].n_eval == dict.fromkeys(full, 10)
+    last = result.matrix[-1]
+    w = np.array([full[n] for n in result.task_names], dtype=float)
+    expected = float((w * last).sum() / w.sum())  # (20 R31 + 24 R32 + 16 R33) / 60
+    assert result.metrics["faa_weighted"] == pytest.approx(expected, abs=1e-9)
+    assert expected != pytest.approx(float(last.mean()), abs=1e-6)  # the capped (equal) weights differ
+    # a partial row weights only the trained tasks: after task 2, (20 R21 + 24 R22) / 44
+    r2 = ends[2].matrix[2]
+    assert ends[2].metrics["faa_weighted"] == pytest.approx((20 * r2[0] + 24 * r2[1]) / 44, abs=1e-9)
+
+    # The results tables carry both counts, and analysis computes the same value from them.
+    writer = TrialWriter(tmp_path, "s", "stage", "t0", {"variant": "full", "order_id": 0, "seed": 0})
+    for e in ends:
+        writer.write_step(e)
+    consolidate(tmp_path)
+    acc = load(tmp_path).accuracy
+    assert set(acc["n_samples"]) == set(full.values()) and set(acc["n_eval"]) == {10}
+    assert cl_metrics(acc)["faa_weighted"].iloc[0] == pytest.approx(expected, abs=1e-9)
+
+    # Resume from after task 2 (and from the finished run): same sizes and metric.
+    for k in (2, 3):
+        res_ends = []
+        resumed = run_continual(run, resume=ends[k].state, on_task_end=res_ends.append)
+        assert res_ends[-1].n_samples == full and res_ends[-1].n_eval == dict.fromkeys(full, 10)
+        assert resumed.metrics["faa_weighted"] == pytest.approx(expected, abs=1e-9)

@@ -5,6 +5,7 @@ metric, and the baselines (zero-shot, adapter / LoRA fine-tuning, LwF, DGG) run 
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -49,6 +50,8 @@ def test_zeroshot_rows_equal_and_metric_names_recorded():
     assert (result.matrix == result.matrix[0]).all()
     assert ends[-1].metric_names == {"captions": "cider", "color_qa": "vqa_acc"}
     assert result.trainable_params == 0
+    # Which caption tokenizer scored CIDEr lands in the trials table (env/caption_tokenizer).
+    assert ends[-1].environment["caption_tokenizer"] == ("ptb" if shutil.which("java") else "python")
 
 
 def _test_loss(prep, task_index: int) -> float:

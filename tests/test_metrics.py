@@ -178,6 +178,17 @@ def test_cl_metrics_matches_matrix_metrics_and_derives_order() -> None:
     assert got["n_tasks_trained"] == 3 and got["n_tasks"] == 3
 
 
+def test_cl_metrics_weights_by_full_test_sizes_not_the_evaluated_count() -> None:
+    """Rows from a run with evaluation.max_samples: n_eval (50 scored per task) is not the
+    weight; n_samples (the full test sets 100 / 300 / 600) is."""
+    names = ["cars", "aircraft", "dtd"]
+    df = long_form(R3, names, zero_shot=True, n_samples=[100, 300, 600])
+    df["n_eval"] = 50
+    got = cl_metrics(df).iloc[0]
+    assert got["faa_weighted"] == pytest.approx((60 * 100 + 85 * 300 + 95 * 600) / 1000)
+    assert got["faa_weighted"] != pytest.approx(got["faa"])  # equal (capped) weights would give FAA
+
+
 def test_cl_metrics_untrained_tasks_follow_in_name_order() -> None:
     # Stopped after "zeta": the two untrained tasks become columns 2, 3 sorted by name.
     R = np.array([[1.0, 2.0, 3.0], [50.0, 20.0, 30.0]])

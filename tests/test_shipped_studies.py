@@ -43,6 +43,28 @@ def check_smoke_run(study: Path, out: Path) -> None:
     assert set(trials.stage) == {st.name for st in small.stages}
 
 
+# Lines a smoke run may print, per trial (start, one per task, end, its line in the final
+# block) and for the rest (stage headers and counts, the summary table, Ray's few lines).
+CONSOLE_LINES_PER_TRIAL = 8
+CONSOLE_LINES_FIXED = 60
+
+
+def check_console(output: str, out: Path) -> None:
+    """The run's console output is short and names every trial's final status (mmcl's
+    stage view, not Tune's per-trial boxes), and ends with the path of report.html."""
+    trials = pd.read_parquet(out / "trials.parquet")
+    lines = output.splitlines()
+    budget = CONSOLE_LINES_FIXED + CONSOLE_LINES_PER_TRIAL * len(trials)
+    assert len(lines) <= budget, f"{len(lines)} lines > {budget}:\n" + "\n".join(lines[:200])
+    assert "Trial status" not in output and "╭" not in output  # Tune's own tables and boxes
+    assert "Experiment state snapshotting" not in output
+    shown = {"completed": "completed", "stopped": "stopped", "error": "errored"}
+    for _, t in trials.iterrows():
+        final = f"  {t['trial_id']} {shown[t['status']]}"
+        assert any(ln.startswith(final) for ln in lines), (final, output[-3000:])
+    assert [ln for ln in lines if ln.strip()][-1].strip().endswith("report.html"), lines[-5:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("study", SMOKED_HERE, ids=[p.stem for p in SMOKED_HERE])
 def test_offline_study_runs_in_smoke_mode_without_an_errored_trial(ray_cluster, tmp_path, study: Path):
@@ -51,6 +73,7 @@ def test_offline_study_runs_in_smoke_mode_without_an_errored_trial(ray_cluster, 
                        capture_output=True, text=True, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     check_smoke_run(study, out)
+    check_console(r.stdout, out)
 
 
 @pytest.mark.parametrize("study", CLUSTER, ids=[p.stem for p in CLUSTER])

@@ -82,6 +82,23 @@ def test_shipped_studies_validate_and_plan():
         assert f"study {study.name}" in plan and "total" in plan, path
 
 
+def test_mtil_dagr_is_dikis_protocol():
+    """studies/mtil_dagr.yaml says "DIKI's protocol": the values of DIKI's configs/MTIL.yaml
+    (SGD lr 5.0, weight decay 0, batch 128, 10 epochs, cosine to lr * 1e-3, no warmup,
+    batchwise_prompt: True) and its training loop (torch.optim.SGD without momentum, no
+    gradient clipping)."""
+    from cl_methods import get_method_class
+
+    study = load_study(REPO / "studies" / "mtil_dagr.yaml")
+    tr = study.run.training
+    assert (tr.optimizer, tr.lr, tr.momentum, tr.weight_decay, tr.grad_clip) == ("sgd", 5.0, 0.0, 0.0, None)
+    assert (tr.batch_size, tr.epochs, tr.max_steps, tr.schedule, tr.warmup_steps) == (128, 10, None, "cosine", 0)
+    assert tr.min_lr_ratio == 1e-3
+    cfg = get_method_class(study.run.method.name).Config.model_validate(study.run.method.config)
+    assert cfg.routing == "batchwise"
+    assert study.run.evaluation.batch_size == 256  # DIKI tests batchwise on twice its batch
+
+
 def test_overrides_are_validated():
     run = RunSpec(method={"name": "lwf"})
     new = apply_overrides(run, {"training.lr": 0.5, "method.temperature": 3.0})

@@ -147,7 +147,7 @@ def ensure_pretrained(spec: BackboneSpec) -> Path:
                 spec.model, recipe.steps, recipe.threads, path,
             )  # fmt: skip
             t0 = time.perf_counter()
-            state = pretrain(spec.model, recipe)
+            state = pretrain(spec.model, recipe, progress=True)
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
             try:
                 torch.save({"state_dict": state}, tmp)
@@ -181,14 +181,19 @@ def multi_positive_clip_loss(logits: torch.Tensor, matches: torch.Tensor) -> tor
     return 0.5 * (i2t + t2i)
 
 
-def pretrain(model_name: str, recipe: PretrainRecipe = RECIPE, log_every: int = 0) -> dict[str, torch.Tensor]:
+def pretrain(
+    model_name: str, recipe: PretrainRecipe = RECIPE, log_every: int = 0, progress: bool = False
+) -> dict[str, torch.Tensor]:
     """Contrastive (CLIP) training of a randomly initialised model; returns its state dict.
 
     The weights are a function of the recipe alone: every draw comes from generators
     seeded by ``recipe.seed`` (the global one is forked and seeded, so dropout or any
     other draw of torch's global generator is too, and the caller's state is untouched),
-    and torch runs on ``recipe.threads`` threads (restored afterwards).
+    and torch runs on ``recipe.threads`` threads (restored afterwards). ``progress`` shows a
+    bar (mmcl/progress.py): minutes of work a new user would otherwise sit through blind.
     """
+    import contextlib
+
     import open_clip
 
     from mmcl.backbones.clip import MAX_LOGIT_SCALE, register_model_configs
@@ -218,29 +223,37 @@ def pretrain(model_name: str, recipe: PretrainRecipe = RECIPE, log_every: int = 
         token_cache: dict[str, torch.Tensor] = {}
         order = torch.randperm(len(pool), generator=g)
         cursor = 0
-        for step in range(steps):
-            if cursor + recipe.batch_size > len(order):
-                order, cursor = torch.randperm(len(pool), generator=g), 0
-            batch = pool.batch(order[cursor : cursor + recipe.batch_size], g, recipe.mention_prob)
-            cursor += recipe.batch_size
-            # Captions repeat a lot (a few hundred distinct short ones): tokenise each once.
-            missing = [c for c in dict.fromkeys(batch.captions) if c not in token_cache]
-            if missing:
-                for c, row in zip(missing, tokenizer(missing)):
-                    token_cache[c] = row
-            tokens = torch.stack([token_cache[c] for c in batch.captions])
-            img = model.encode_image(batch.images, normalize=True)
-            txt = model.encode_text(tokens, normalize=True)
-            logits = model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * img @ txt.T
-            loss = multi_positive_clip_loss(logits, batch.matches())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
-            if log_every and (step % log_every == 0 or step == steps - 1):
-                log.warning("pretrain step %d/%d loss %.3f scale %.1f", step, steps, loss.item(), model.logit_scale.exp().item())
+        shown = contextlib.nullcontext()
+        if progress:
+            from mmcl.progress import work_bar
+
+            shown = work_bar(steps, f"pretraining the tiny {model_name} (once per machine)")
+        with shown as bar:
+            for step in range(steps):
+                if cursor + recipe.batch_size > len(order):
+                    order, cursor = torch.randperm(len(pool), generator=g), 0
+                batch = pool.batch(order[cursor : cursor + recipe.batch_size], g, recipe.mention_prob)
+                cursor += recipe.batch_size
+                # Captions repeat a lot (a few hundred distinct short ones): tokenise each once.
+                missing = [c for c in dict.fromkeys(batch.captions) if c not in token_cache]
+                if missing:
+                    for c, row in zip(missing, tokenizer(missing)):
+                        token_cache[c] = row
+                tokens = torch.stack([token_cache[c] for c in batch.captions])
+                img = model.encode_image(batch.images, normalize=True)
+                txt = model.encode_text(tokens, normalize=True)
+                logits = model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * img @ txt.T
+                loss = multi_positive_clip_loss(logits, batch.matches())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
+                if log_every and (step % log_every == 0 or step == steps - 1):
+                    log.warning("pretrain step %d/%d loss %.3f scale %.1f", step, steps, loss.item(), model.logit_scale.exp().item())
+                if progress:
+                    bar.update()
         model.eval()
         return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -38,6 +38,7 @@ to add and something to forget.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -126,8 +127,13 @@ def save_tiny(kind: str, directory: str | Path, seed: int = 0, image_size: int =
     return out
 
 
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
 def pretrain_tiny(directory: str | Path, steps: int = PRETRAIN_STEPS, batch_size: int = 32, lr: float = 1e-3,
-                  seed: int = 0, n_images: int = 4096) -> list[float]:
+                  seed: int = 0, n_images: int = 4096, progress: bool = False) -> list[float]:
     """Train a saved tiny model (every weight) on the generated scenes of the neutral
     *base* domain: captions and the four question types of ``synthetic_text``, so that it
     answers zero-shot while each task's own domain is still a shift (as the tiny CLIP is
@@ -137,6 +143,7 @@ def pretrain_tiny(directory: str | Path, steps: int = PRETRAIN_STEPS, batch_size
 
     from mmcl.data import synthetic as syn
     from mmcl.data.synthetic_text import TEXT_TASKS, _answer, _captions
+    from mmcl.progress import work_bar
 
     directory = Path(directory)
     kind = "blip2" if json.loads((directory / "config.json").read_text())["model_type"] == "blip-2" else "llava"
@@ -158,26 +165,30 @@ def pretrain_tiny(directory: str | Path, steps: int = PRETRAIN_STEPS, batch_size
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
         losses = []
-        for step in range(steps):
-            idx = torch.randint(0, n_images, (batch_size,), generator=g).tolist()
-            kinds = torch.randint(0, len(TEXT_TASKS), (batch_size,), generator=g).tolist()
-            prompts, targets = [], []
-            for i, k in zip(idx, kinds):
-                tdef = TEXT_TASKS[k]
-                if tdef.factor is None:
-                    refs = _captions(scenes, i)
-                    targets.append(refs[int(torch.randint(0, len(refs), (1,), generator=g))])
-                else:
-                    targets.append(_answer(tdef, scenes, i))
-                prompts.append(tdef.question)
-            loss = bb.lm_loss(images[idx], prompts, targets)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if step % 50 == 0 or step == steps - 1:
-                losses.append(float(loss.detach()))
+        # A progress bar for the minutes a first run spends here (mmcl/progress.py).
+        shown = work_bar(steps, f"pretraining the tiny {kind} (once per machine)") if progress else contextlib.nullcontext(_NoBar())
+        with shown as bar:
+            for step in range(steps):
+                idx = torch.randint(0, n_images, (batch_size,), generator=g).tolist()
+                kinds = torch.randint(0, len(TEXT_TASKS), (batch_size,), generator=g).tolist()
+                prompts, targets = [], []
+                for i, k in zip(idx, kinds):
+                    tdef = TEXT_TASKS[k]
+                    if tdef.factor is None:
+                        refs = _captions(scenes, i)
+                        targets.append(refs[int(torch.randint(0, len(refs), (1,), generator=g))])
+                    else:
+                        targets.append(_answer(tdef, scenes, i))
+                    prompts.append(tdef.question)
+                loss = bb.lm_loss(images[idx], prompts, targets)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                if step % 50 == 0 or step == steps - 1:
+                    losses.append(float(loss.detach()))
+                bar.update()
     model.eval()
     model.save_pretrained(directory)
     return losses
@@ -205,7 +216,7 @@ def _tiny_dir(spec: BackboneSpec) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{final.name}-"))
     save_tiny(spec.kind, tmp, seed=seed)
     if pretrained:
-        pretrain_tiny(tmp, seed=seed)
+        pretrain_tiny(tmp, seed=seed, progress=True)
     try:
         tmp.rename(final)
     except OSError:  # another process won the race

@@ -194,25 +194,30 @@ def store_dir(root: Path, opts: DecodeOptions) -> Path:
 
 def ensure_decoded(clips: list[Clip], kinds: dict[str, str], store: Path, opts: DecodeOptions, dataset: str) -> None:
     """Decode every clip not in the store yet (under the store's lock)."""
+    from mmcl.progress import work_bar
+
     todo = [c for c in clips if not (store / f"{c.key}.pt").exists()]
     if not todo:
         return
     with open(store / ".lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another trial decoding: wait, then skip its clips
         try:
-            for c in todo:
-                target = store / f"{c.key}.pt"
-                if target.exists():
-                    continue
-                item = {}
-                for m, kind in kinds.items():
-                    try:
-                        item[m] = decode_video(c.paths[m], opts) if kind == "video" else decode_audio(c.paths[m], opts)
-                    except Exception as e:  # PyAV raises its own error types
-                        raise SpecError(f"{dataset} clip {c.key!r}: cannot decode the {m} of {c.paths[m]} ({e})") from None
-                tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-                torch.save(item, tmp)
-                os.replace(tmp, target)
+            # Minutes for a real AVE (4,143 clips): say so, with an ETA.
+            with work_bar(len(todo), f"decoding {len(todo)} {dataset} clips into {store} (once)") as bar:
+                for c in todo:
+                    bar.update()
+                    target = store / f"{c.key}.pt"
+                    if target.exists():
+                        continue
+                    item = {}
+                    for m, kind in kinds.items():
+                        try:
+                            item[m] = decode_video(c.paths[m], opts) if kind == "video" else decode_audio(c.paths[m], opts)
+                        except Exception as e:  # PyAV raises its own error types
+                            raise SpecError(f"{dataset} clip {c.key!r}: cannot decode the {m} of {c.paths[m]} ({e})") from None
+                    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+                    torch.save(item, tmp)
+                    os.replace(tmp, target)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
