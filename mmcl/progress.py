@@ -19,7 +19,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 STATUSES = ("pending", "running", "completed", "stopped", "errored")
@@ -39,8 +39,6 @@ class TrialView:
     started: float | None = None
     ended: float | None = None
     error: str = ""
-    # Seconds from the trial's start to each finished task (for the ETA).
-    task_times: list[float] = field(default_factory=list)
 
     def elapsed(self, now: float) -> float:
         if self.started is None:
@@ -114,7 +112,6 @@ class StageProgress:
         t.avg = float(metrics.get("avg", math.nan))
         t.bwt = float(metrics.get("bwt", math.nan))
         if task:  # row 0 is the zero-shot evaluation, not a finished task
-            t.task_times.append(t.elapsed(self.clock()))
             self._emit(self._line(t, self.clock()))
         else:
             self._redraw()
@@ -249,9 +246,22 @@ class WorkBar:
         print(f"{self.what}: {state}, {self.done}/{self.total} in {_secs(spent)}", file=self.out, flush=True)
 
 
-def work_bar(total: int, what: str) -> WorkBar:
-    """A :class:`WorkBar` on stderr (stdout stays for results)."""
-    return WorkBar(total, what)
+class _SilentBar:
+    """What :func:`work_bar` hands out when nothing is to be shown: same calls, no output."""
+
+    def __enter__(self) -> _SilentBar:
+        return self
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def work_bar(total: int, what: str, show: bool = True) -> WorkBar | _SilentBar:
+    """A :class:`WorkBar` on stderr (stdout stays for results); silent when ``show`` is off."""
+    return WorkBar(total, what) if show else _SilentBar()
 
 
 __all__ = ["STATUSES", "StageProgress", "TrialView", "WorkBar", "work_bar"]

@@ -192,12 +192,11 @@ def pretrain(
     and torch runs on ``recipe.threads`` threads (restored afterwards). ``progress`` shows a
     bar (mmcl/progress.py): minutes of work a new user would otherwise sit through blind.
     """
-    import contextlib
-
     import open_clip
 
     from mmcl.backbones.clip import MAX_LOGIT_SCALE, register_model_configs
     from mmcl.data.synthetic import pretraining_pool, torch_threads
+    from mmcl.progress import work_bar
 
     register_model_configs()
     with torch.random.fork_rng(devices=[]), torch_threads(recipe.threads):
@@ -223,12 +222,7 @@ def pretrain(
         token_cache: dict[str, torch.Tensor] = {}
         order = torch.randperm(len(pool), generator=g)
         cursor = 0
-        shown = contextlib.nullcontext()
-        if progress:
-            from mmcl.progress import work_bar
-
-            shown = work_bar(steps, f"pretraining the tiny {model_name} (once per machine)")
-        with shown as bar:
+        with work_bar(steps, f"pretraining the tiny {model_name} (once per machine)", show=progress) as bar:
             for step in range(steps):
                 if cursor + recipe.batch_size > len(order):
                     order, cursor = torch.randperm(len(pool), generator=g), 0
@@ -253,7 +247,6 @@ def pretrain(
                     model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
                 if log_every and (step % log_every == 0 or step == steps - 1):
                     log.warning("pretrain step %d/%d loss %.3f scale %.1f", step, steps, loss.item(), model.logit_scale.exp().item())
-                if progress:
-                    bar.update()
+                bar.update()
         model.eval()
         return {k: v.detach().clone() for k, v in model.state_dict().items()}

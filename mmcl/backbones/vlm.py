@@ -38,7 +38,6 @@ to add and something to forget.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -127,11 +126,6 @@ def save_tiny(kind: str, directory: str | Path, seed: int = 0, image_size: int =
     return out
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-
 def pretrain_tiny(directory: str | Path, steps: int = PRETRAIN_STEPS, batch_size: int = 32, lr: float = 1e-3,
                   seed: int = 0, n_images: int = 4096, progress: bool = False) -> list[float]:
     """Train a saved tiny model (every weight) on the generated scenes of the neutral
@@ -166,8 +160,7 @@ def pretrain_tiny(directory: str | Path, steps: int = PRETRAIN_STEPS, batch_size
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
         losses = []
         # A progress bar for the minutes a first run spends here (mmcl/progress.py).
-        shown = work_bar(steps, f"pretraining the tiny {kind} (once per machine)") if progress else contextlib.nullcontext(_NoBar())
-        with shown as bar:
+        with work_bar(steps, f"pretraining the tiny {kind} (once per machine)", show=progress) as bar:
             for step in range(steps):
                 idx = torch.randint(0, n_images, (batch_size,), generator=g).tolist()
                 kinds = torch.randint(0, len(TEXT_TASKS), (batch_size,), generator=g).tolist()
