@@ -112,18 +112,16 @@ def task_curves(res: Results, trial_id: str, stage: str | None = None) -> Figure
 
 
 def _stage_metrics(res: Results, stage: str | None, kind: str) -> tuple[pd.DataFrame, str]:
-    from analysis.tables import stage_kind
+    """The trials of ``stage`` (or of the first stage of ``kind``), as analysis/tables reads them."""
+    from analysis.tables import _trials, stage_kind
 
-    df = res.metrics()
     if stage is None:
+        df = res.metrics()
         stages = [s for s, g in df.groupby("stage", sort=False) if stage_kind(g) == kind]
         if not stages:
             raise KeyError(f"no {kind} stage in {res.path}")
         stage = stages[0]
-    df = df[df["stage"] == stage]
-    if df.empty:
-        raise KeyError(f"no stage {stage!r} in {res.path}")
-    return df, stage
+    return _trials(res, stage), stage
 
 
 def ablation_bars(res: Results, stage: str | None = None, metric: str = "avg") -> Figure:

@@ -504,7 +504,6 @@ class _ConsoleCallback(tune.Callback):
     def __setstate__(self, state):
         self.__dict__.update(state)
 
-
     def _end(self, trial, errored: bool = False) -> None:
         last = trial.last_result or {}
         if errored or last.get("error"):
