@@ -182,30 +182,26 @@ def search_history(res: Results, stage: str | None = None, metric: str = "avg") 
     return fig
 
 
-def param_importance(res: Results, stage: str | None = None) -> Figure:
-    """Optuna's importance (fANOVA) of each searched parameter, read from the stage's
-    journal (``<results>/optuna/<stage>.journal``; a local results directory)."""
-    import optuna
+def param_importance(res: Results, stage: str | None = None, rung: int | None = None) -> Figure:
+    """Optuna's importance (fANOVA) of each searched parameter at one task index, over
+    every trial that reached it, the ones ASHA stopped included (analysis/importance.py),
+    read from the stage's journal (``<results>/optuna/<stage>.journal``; a local results
+    directory)."""
+    from analysis.importance import load_search_study, rung_importance
 
-    df, stage = _stage_metrics(res, stage, "search")
-    path = Path(str(res.path)) / "optuna" / f"{stage}.journal"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no Optuna journal for stage {stage!r} (only local results directories have one)")
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    names = optuna.get_all_study_names(storage)
-    wanted = [n for n in names if n.endswith(f".{stage}")] or names
-    study = optuna.load_study(study_name=wanted[0], storage=storage)
+    _, stage = _stage_metrics(res, stage, "search")
+    study = load_search_study(res.path, stage)
     fig = _figure()
     ax = fig.add_subplot()
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if len(complete) < 2:
-        ax.text(0.5, 0.5, f"{len(complete)} completed trial(s): importance needs 2 or more", ha="center", va="center")
+    try:
+        r = rung_importance(study, rung=rung)
+    except ValueError as e:  # too few trials: say so in the picture
+        ax.text(0.5, 0.5, str(e), ha="center", va="center")
         ax.set_axis_off()
         return fig
-    imp = optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
-    names = list(imp)[::-1]
-    ax.barh(names, [imp[n] for n in names], color="tab:green")
-    ax.set_xlabel(f"importance (fANOVA over {len(complete)} completed trials)")
+    names = list(r.importances)[::-1]
+    ax.barh(names, [r.importances[n] for n in names], color="tab:green")
+    ax.set_xlabel(f"importance (fANOVA at task {r.rung}, {r.n_trials} trials, {r.n_pruned} stopped by ASHA)")
     ax.set_title(f"parameter importance: {stage}")
     return fig
 

@@ -120,6 +120,7 @@ def build_report(path: Any) -> str:
     search_stages = list(pd.unique(metrics.loc[metrics["variant"] == "search", "stage"]))
     for st in search_stages:
         lines += _section(f"Search leaderboard: {st}", _or_none(_pct(search_leaderboard(res, stage=st)), False, "trials"))
+        lines += _importance_section(res, st)
 
     ablation = ablation_table(res)
     if len(ablation):
@@ -142,6 +143,22 @@ def build_report(path: Any) -> str:
         head = f"### {st}: {best['trial_id']} (variant {best['variant']}, avg {fmt_pct(best['avg'])})"
         lines += [head, "", _or_none(mat, False, "accuracy rows"), ""]
     return "\n".join(lines)
+
+
+def _importance_section(res: "Results", stage: str) -> list[str]:
+    """fANOVA importance at a common task index over complete and stopped trials
+    (analysis/importance.py); nothing when the stage has no local journal."""
+    from analysis.importance import load_search_study, rung_importance
+
+    try:
+        r = rung_importance(load_search_study(res.path, stage))
+    except (FileNotFoundError, ValueError):
+        return []
+    except Exception as e:  # noqa: BLE001 - the report ends a study: an evaluator's failure must not
+        return _section(f"Parameter importance: {stage}", f"_Not computed: {type(e).__name__}: {e}_", level=3)
+    df = pd.DataFrame({"parameter": list(r.importances), "importance": [f"{v:.3f}" for v in r.importances.values()]})
+    note = f"fANOVA on the objective at task {r.rung}, over the {r.n_trials} trials that reached it ({r.n_pruned} stopped by ASHA)."
+    return _section(f"Parameter importance: {stage}", note + "\n\n" + markdown_table(df), level=3)
 
 
 def write_report(path: Any) -> Path | str:

@@ -36,6 +36,7 @@ def main() -> None:
 
     from mmcl.backbones import ensure_pretrained
     from mmcl.spec import load_study
+    from mmcl.storage import open_storage
     from mmcl.study import resolve_paths, run_study, smoke
 
     study = resolve_paths(load_study(args.study), Path.cwd())
@@ -52,16 +53,16 @@ def main() -> None:
 
     original = mt.run_stage
 
-    def timed(plan, restore=False):
+    def timed(plan, **kwargs):
         t = time.perf_counter()
         try:
-            return original(plan, restore)
+            return original(plan, **kwargs)
         finally:
             stage_wall[plan.stage] = time.perf_counter() - t
 
     mt.run_stage = timed
     t1 = time.perf_counter()
-    run_study(study, out)
+    run_study(study, open_storage(out))
     total = time.perf_counter() - t1
 
     trials = pd.read_parquet(out / "trials.parquet")

@@ -68,8 +68,12 @@ class MixtureOfQueries(nn.Module):
     @torch.no_grad()
     def add_task(self, generator: torch.Generator | None = None) -> None:
         """A new key (orthogonal to the old ones, at their mean norm) and a zero offset."""
-        device = self.keys[0].device if self.num_tasks else torch.device("cpu")
-        k = torch.randn(self.key_dim, generator=generator).to(device)
+        # The first task's parts go on torch's default device (the CPU, or the meta device
+        # when mmcl.param_count counts them); the engine moves the modules afterwards.
+        device = self.keys[0].device if self.num_tasks else torch.empty(0).device
+        k = torch.randn(self.key_dim, generator=generator)
+        if k.device != device:
+            k = k.to(device)
         if self.num_tasks:
             old = torch.stack([p.detach().float() for p in self.keys])  # (T, D)
             target_norm = old.norm(dim=1).mean()

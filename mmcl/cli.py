@@ -123,7 +123,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from mmcl.study import describe_plan
 
-    print(describe_plan(_load(args.study, args.smoke)))
+    print(describe_plan(_load(args.study, args.smoke), params=not args.no_params))
     return 0
 
 
@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="show stages, trial counts and resources")
     pl.add_argument("study")
     pl.add_argument("--smoke", action="store_true")
+    pl.add_argument(
+        "--no-params", action="store_true",
+        help="skip the trainable-parameter counts (each method on the study's backbone, from its config on the meta device)",
+    )
     pl.set_defaults(fn=cmd_plan)
     sc = sub.add_parser("schema", help="print the study file's JSON Schema (for editors: > studies/study.schema.json)")
     sc.set_defaults(fn=cmd_schema)
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from mmcl import interrupt
-    from mmcl.study import StageInterrupted
+    from mmcl.study import StageInterrupted, StageStarved
 
     if args.command in ("run", "resume"):
         interrupt.install()
@@ -206,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.command}` needs it; fix: `uv sync` in the project (or `pip install {e.name}`)",
               file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
+    except StageStarved as e:  # resumable like an interrupted stage, but the cluster's fault
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except StageInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -21,6 +21,7 @@ import math
 import pickle
 import random
 import resource
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -142,6 +143,9 @@ def environment_fingerprint(device: torch.device, amp_dtype: torch.dtype | None,
 
     env = {
         "hostname": platform.node(),
+        # The interpreter (so the environment) the trial ran in: the driver's on a local Ray,
+        # each node's own on a cluster.
+        "python": sys.executable,
         "torch_version": torch.__version__,
         "device": device.type,
         "gpu_name": "",

@@ -316,10 +316,16 @@ Stage = Annotated[Union[SearchStage, AblationStage, OrdersStage], Field(discrimi
 
 
 class ResourcesSpec(Strict):
-    """What one trial asks Ray for. A GPU request on a machine with none waits forever."""
+    """What one trial asks Ray for."""
 
     cpu: float = Field(default=1, gt=0)
     gpu: float = Field(default=0, ge=0)
+    # How long a stage may have trials waiting for these resources with none of its trials
+    # running (a GPU request on a cluster without GPUs, more CPUs than any node has) before
+    # it ends, naming what it asks and what the cluster offers; `mmcl resume` continues it
+    # once the cluster has the resources. An autoscaling cluster starts its nodes within
+    # this time. [choice] 30 minutes: a cloud GPU node's usual start-up fits.
+    wait_timeout_s: float = Field(default=1800, gt=0)
 
 
 class FailureSpec(Strict):
@@ -330,6 +336,69 @@ class FailureSpec(Strict):
     # to its end and writes its results either way. A stage whose every trial errored
     # always gives status 1.
     max_errored_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class MlflowSpec(Strict):
+    """One MLflow run per trial: params = the trial's resolved run block, metrics after
+    every task (step = the task index), the accuracy matrix as a JSON and CSV artifact."""
+
+    # Where runs go: a local store (``file:///abs/mlruns``, ``sqlite:///mlflow.db``) or a
+    # tracking server (``http://host:5000``). Only the driver talks to it (a trial never
+    # does), so only the machine that runs ``mmcl`` needs to reach it.
+    tracking_uri: str
+    # The MLflow experiment; empty: the study's name.
+    experiment: str = ""
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class WandbSpec(Strict):
+    """One W&B run per trial, grouped by ``<study>/<stage>``; the accuracy matrix is a
+    ``wandb.Table`` at the trial's end."""
+
+    project: str
+    entity: str | None = None
+    # online / offline (runs stay under the trial's directory: `wandb sync` them later) /
+    # disabled. Empty: $WANDB_MODE, else W&B's own default (online).
+    mode: Literal["", "online", "offline", "disabled"] = ""
+    tags: list[str] = Field(default_factory=list)
+    # How long the end of a stage waits for W&B to finish uploading (Ray's default: 30 min).
+    upload_timeout_s: int = Field(default=300, ge=1)
+
+
+class TrackingSpec(Strict):
+    """Experiment trackers that receive every trial's results (docs/tracking.md).
+    Each needs its package (`uv sync --extra mlflow|wandb|tensorboard`)."""
+
+    mlflow: MlflowSpec | None = None
+    wandb: WandbSpec | None = None
+    # TensorBoard event files per trial, in the stage's Ray directory of the study's
+    # storage (``<output>/ray/<stage>/<trial>/events.out.tfevents.*``).
+    tensorboard: bool = False
+
+    def enabled(self) -> list[str]:
+        return [n for n in ("mlflow", "wandb", "tensorboard") if getattr(self, n)]
+
+
+# The importable module each tracker needs, and the extra that installs it.
+TRACKER_PACKAGES = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb"), "tensorboard": ("tensorboardX", "tensorboard")}
+
+
+def check_tracking_packages(tracking: TrackingSpec, source: str) -> None:
+    """A clear error before any trial runs when a tracker's package is missing."""
+    import importlib.util
+
+    for name in tracking.enabled():
+        module, extra = TRACKER_PACKAGES[name]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a module set to None in sys.modules, a broken install
+            found = False
+        if not found:
+            raise SpecError(
+                f"{source}: tracking.{name} needs the Python package {module!r}, which is not installed; "
+                f"install it with `uv sync --extra {extra}` (pip: pip install 'mmcl-studies[{extra}]'), "
+                f"or remove tracking.{name}"
+            )
 
 
 class StudySpec(Strict):
@@ -344,6 +413,7 @@ class StudySpec(Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_concurrent_trials: int = Field(default=2, ge=1)
     failure: FailureSpec = Field(default_factory=FailureSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @field_validator("name")
     @classmethod
@@ -494,6 +564,7 @@ def parse_study(data: Any, source: str = "<study>", text: str | None = None) -> 
         validate_run(study)
     except SpecError as e:
         raise SpecError(f"{source}: {e}") from None
+    check_tracking_packages(study.tracking, source)
     return study
 
 

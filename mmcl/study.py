@@ -27,6 +27,7 @@ from mmcl.spec import (
     SearchStage,
     SpecError,
     StudySpec,
+    TrackingSpec,
     apply_overrides,
 )
 
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 
 class StageInterrupted(RuntimeError):
     """Tune returned before every trial of a stage ended (Ctrl-C, a stopped driver)."""
+
+
+class StageStarved(StageInterrupted):
+    """A stage's trials waited ``resources.wait_timeout_s`` for resources with none running."""
 
 
 class TrialConfig(BaseModel):
@@ -77,6 +82,8 @@ class StagePlan(BaseModel):
     # `mmcl run -v`: trials keep Ray Train's INFO lines (a "Checkpoint successfully
     # created" per task); off, the console shows mmcl's stage view only.
     verbose: bool = False
+    # Experiment trackers the driver sends every trial's results to (mmcl.tune).
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @property
     def num_trials(self) -> int:
@@ -267,6 +274,7 @@ def plan_stage(study: StudySpec, index: int, out_dir: str | Path, best: dict[str
         max_concurrent_trials=study.max_concurrent_trials,
         max_failures=study.failure.max_failures,
         out_dir=str(out_dir),
+        tracking=study.tracking,
     )
     if isinstance(st, SearchStage):
         return StagePlan(
@@ -304,8 +312,13 @@ def _describe_backbone(b: Any) -> str:
     return f"{b.model} ({b.pretrained or b.checkpoint})"
 
 
-def describe_plan(study: StudySpec) -> str:
-    """Text for ``mmcl plan``: stages, trial counts, resources (no Ray, no data)."""
+def describe_plan(study: StudySpec, params: bool = False) -> str:
+    """Text for ``mmcl plan``: stages, trial counts, resources (no Ray, no data).
+
+    ``params``: also each method's trainable parameters per task and in all, on the
+    study's backbone built from its config on the meta device (:mod:`mmcl.param_count`;
+    seconds, no weights; off by default so that callers that only want the stages do not
+    import torch and the models)."""
     lines = [f"study {study.name}: {len(study.stages)} stage(s)"]
     r = study.resources
     total = 0
@@ -336,6 +349,16 @@ def describe_plan(study: StudySpec) -> str:
         f"  total {total} trial(s); each asks for {r.cpu:g} CPU and {r.gpu:g} GPU; "
         f"at most {study.max_concurrent_trials} at once; a failed trial is retried {study.failure.max_failures} time(s)"
     )
+    t = study.tracking
+    if t.enabled():
+        where = {"mlflow": lambda: f"mlflow ({t.mlflow.tracking_uri})",
+                 "wandb": lambda: f"wandb (project {t.wandb.project}{', ' + t.wandb.mode if t.wandb.mode else ''})",
+                 "tensorboard": lambda: "tensorboard (event files under <output>/ray)"}  # fmt: skip
+        lines.append("  tracking: " + ", ".join(where[n]() for n in t.enabled()) + "; one run per trial")
+    if params:
+        from mmcl.param_count import describe_counts
+
+        lines += describe_counts(study)
     return "\n".join(lines)
 
 

@@ -26,17 +26,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray
-import torch
-from ray import tune
-from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
-from ray.tune.search.optuna import OptunaSearch
+# Ray's own `uv run` integration (on by default since Ray 2.43) relaunches every worker with
+# `uv run` inside an uploaded copy of the driver's working directory whenever the driver has
+# a `uv run` ancestor, as `uv run mmcl run ...` and `uv run pytest` do. mmcl's workers need
+# none of it: on a local Ray they use the driver's interpreter, on a cluster each node's own
+# `uv sync --locked` environment (cluster.yaml) with the code `ray job submit --working-dir`
+# ships. Left on, it uploaded whatever sits in the working directory (a local `results/`
+# included) and built a second virtual environment in each new copy (~9 s; docs/cli.md). It must be set before Ray is imported (Ray reads it once);
+# RAY_ENABLE_UV_RUN_RUNTIME_ENV=1 in the environment brings it back.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-from mmcl import interrupt
-from mmcl.results import ENV_PREFIX, METHOD_STAT_PREFIX, METRIC_COLUMNS, TrialWriter, git_sha, method_stat_columns
-from mmcl.spec import SpecError
-from mmcl.storage import Storage
-from mmcl.study import StageInterrupted, StagePlan, _task_names
+import ray  # noqa: E402
+import torch  # noqa: E402
+from ray import tune  # noqa: E402
+from optuna.storages.journal import BaseJournalBackend, JournalFileBackend  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+
+from mmcl import interrupt  # noqa: E402
+from mmcl.results import ENV_PREFIX, METHOD_STAT_PREFIX, METRIC_COLUMNS, TrialWriter, git_sha, method_stat_columns  # noqa: E402
+from mmcl.spec import SpecError  # noqa: E402
+from mmcl.storage import Storage  # noqa: E402
+from mmcl.study import StageInterrupted, StagePlan, StageStarved, _task_names  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +267,10 @@ def _trial(config: dict[str, Any], plan_json: str) -> None:
             **meta,
             "error": "",
             "trainable_params": end.trainable_params,
+            # For the experiment trackers (driver-side callbacks below): this row of the
+            # accuracy matrix as curves, and the matrix so far for the trial-end artifact.
+            "acc": {name: float(v) for name, v in end.row.items()},
+            "accuracy_matrix": _matrix_json(end),
             "peak_memory_mb": end.peak_memory_mb,
             "run_time_s": elapsed + time.perf_counter() - t_start,
             # -1 for a trial that never restarted; else the task its checkpoint held.
@@ -278,6 +292,253 @@ def _trial(config: dict[str, Any], plan_json: str) -> None:
         # Deterministic: a retry would diverge again. Record it as the trial's error,
         # without a checkpoint, and let the study go on.
         tune.report({**last, "error": str(e), "objective": last.get("objective", 0.0)})
+
+
+def _matrix_json(end) -> str:
+    """The accuracy matrix so far, as the trackers store it: a table whose rows are
+    labelled ("zero-shot", "after <task>") and whose columns are the tasks."""
+    import json
+
+    labels = ["zero-shot"] + [f"after {t}" for t in end.task_names]
+    rows = [[labels[i], *(None if not math.isfinite(float(x)) else round(float(x), 6) for x in r)]
+            for i, r in enumerate(end.matrix)]  # fmt: skip
+    return json.dumps({"columns": ["after", *end.task_names], "rows": rows})
+
+
+# --------------------------------------------------------------------------- trackers
+# Ray Tune's logger callbacks do the work (one run per trial, metrics per result); they
+# run on the driver, so only the machine running `mmcl` reaches a tracker. What they
+# lack is written here: params = the trial's *resolved* run block (Tune's own config is a
+# search sample or a grid index), step = the task index (Tune counts reports, and the
+# zero-shot row is a report), names that say study / stage / variant, and the accuracy
+# matrix at the trial's end.
+
+
+def _by_task(result: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``result`` whose step (what the loggers read) is the task index."""
+    out = {k: v for k, v in result.items() if k not in ("accuracy_matrix", "timesteps_total")}
+    out["training_iteration"] = int(result.get("task", result.get("training_iteration", 0)))
+    return out
+
+
+def _trial_params(plan: StagePlan, config: dict[str, Any]) -> dict[str, Any]:
+    """What a tracker shows as the trial's parameters: its whole run block and metadata."""
+    try:
+        run, meta = plan.resolve(config)
+    except Exception:  # noqa: BLE001 - a bad sample errors in its trial, never in the driver's tracker
+        return {"stage": plan.stage, **config}
+    return {"stage": plan.stage, **meta, **run.model_dump(mode="json")}
+
+
+def _matrix_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]] | None:
+    """(columns, rows) of the accuracy matrix in ``result`` (see _matrix_json)."""
+    import json
+
+    raw = (result or {}).get("accuracy_matrix")
+    if not raw:
+        return None
+    m = json.loads(raw)
+    return m["columns"], m["rows"]
+
+
+def _tracking_callbacks(plan: StagePlan) -> list[tune.Callback]:
+    t = plan.tracking
+    callbacks: list[tune.Callback] = []
+    if t.mlflow:
+        callbacks.append(_mlflow_callback(plan))
+    if t.wandb:
+        callbacks.append(_wandb_callback(plan))
+    if t.tensorboard:
+        callbacks.append(_tensorboard_callback(plan))
+    return callbacks
+
+
+def _never_fatal(cls: type, name: str) -> type:
+    """``cls`` whose failures warn once and turn that tracker off for the stage: Tune
+    re-raises a callback's exception and ends the stage, and a tracker is a view of the
+    results, never a reason to lose them (an unreachable server, a full disk)."""
+
+    class Guarded(cls):
+        _mmcl_off = False
+
+        def _guard(self, fn, *args, **kwargs):
+            if self._mmcl_off:
+                return None
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                self._mmcl_off = True
+                print(f"warning: tracking.{name} is off for the rest of this stage after an error: "
+                      f"{type(e).__name__}: {str(e)[:500]}", file=sys.stderr, flush=True)  # fmt: skip
+                return None
+
+    for hook in ("setup", "on_trial_start", "on_trial_result", "on_trial_complete", "on_trial_error",
+                 "on_trial_save", "on_experiment_end"):  # fmt: skip
+        def wrapped(self, *args, _hook=hook, **kwargs):
+            return self._guard(getattr(super(Guarded, self), _hook), *args, **kwargs)
+
+        setattr(Guarded, hook, wrapped)
+    Guarded.__name__ = Guarded.__qualname__ = cls.__name__
+    return Guarded
+
+
+def _mlflow_callback(plan: StagePlan) -> tune.Callback:
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    spec = plan.tracking.mlflow
+    if spec.tracking_uri.startswith("file:") or "://" not in spec.tracking_uri:
+        # MLflow 3 refuses its file store unless told otherwise ("maintenance mode"); a
+        # study that names one asked for it [choice]. docs/tracking.md: `mlflow ui` on it
+        # needs the same variable; sqlite or a server is MLflow's recommendation.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+    # A tracking server that does not answer costs the driver's Tune loop each retry:
+    # MLflow's defaults (7 retries with backoff) would stall scheduling for minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+    class MlflowTrials(MLflowLoggerCallback):
+        def log_trial_start(self, trial):
+            if trial in self._trial_runs:  # a retried trial goes on in its own run
+                return
+            # A trial of a resumed study (`mmcl resume`) goes on in the run it had.
+            client = self.mlflow_util._get_client()
+            old = client.search_runs([self.mlflow_util.experiment_id], filter_string=f"tags.trial_id = '{trial.trial_id}'",
+                                     max_results=1)  # fmt: skip
+            if old:
+                self._trial_runs[trial] = old[0].info.run_id
+                client.update_run(old[0].info.run_id, status="RUNNING")
+                return
+            tags = {**self.tags, "trial_id": trial.trial_id, "mmcl.study": plan.study, "mmcl.stage": plan.stage}
+            run = self.mlflow_util.start_run(tags=tags, run_name=f"{plan.stage}/{_trial_label(plan, trial.config)}")
+            self._trial_runs[trial] = run.info.run_id
+            self.mlflow_util.log_params(run_id=run.info.run_id, params_to_log=_trial_params(plan, trial.config))
+
+        def log_trial_result(self, iteration, trial, result):
+            if trial not in self._trial_runs:
+                self.log_trial_start(trial)
+            super().log_trial_result(iteration, trial, _by_task(result))
+
+        def log_trial_end(self, trial, failed=False):
+            if trial not in self._trial_runs:  # errored before it ever started
+                return
+            table = _matrix_table(trial.last_result)
+            if table is not None:
+                cols, rows = table
+                client = self.mlflow_util._get_client()
+                run_id = self._trial_runs[trial]
+                client.log_dict(run_id, {"columns": cols, "rows": rows}, "accuracy_matrix.json")
+                csv = "\n".join(",".join("" if v is None else str(v) for v in r) for r in [cols, *rows]) + "\n"
+                client.log_text(run_id, csv, "accuracy_matrix.csv")
+            super().log_trial_end(trial, failed=failed)
+
+    return _never_fatal(MlflowTrials, "mlflow")(
+        tracking_uri=spec.tracking_uri,
+        experiment_name=spec.experiment or plan.study,
+        tags={"mmcl.study": plan.study, "mmcl.stage": plan.stage, **spec.tags},
+    )
+
+
+def _wandb_callback(plan: StagePlan) -> tune.Callback:
+    from ray.air.integrations.wandb import WandbLoggerCallback, _clean_log, _WandbLoggingActor
+
+    spec = plan.tracking.wandb
+    if spec.mode:
+        # Read by Ray's API-key check on the driver (the logging actors get ``mode``).
+        os.environ["WANDB_MODE"] = spec.mode
+
+    class WandbMatrixActor(_WandbLoggingActor):
+        """Ray's W&B logging process, which also turns the final matrix into a table."""
+
+        def _handle_result(self, result):
+            import json  # (json, not _matrix_table: the actor process stays free of mmcl.tune's torch)
+
+            raw = result.pop("accuracy_matrix", None)
+            log, config = super()._handle_result(result)
+            if raw:
+                m = json.loads(raw)
+                log["accuracy_matrix"] = self._wandb.Table(columns=m["columns"], data=m["rows"])
+            return log, config
+
+    class WandbTrials(WandbLoggerCallback):
+        _logger_actor_cls = WandbMatrixActor
+
+        def log_trial_start(self, trial):
+            # Ray's own start, with the resolved run block as the run's config and a name
+            # that says which trial it is.
+            kwargs = dict(
+                # resume "allow": a trial of a resumed study (`mmcl resume`) goes on in its run.
+                id=trial.trial_id, name=f"{plan.stage}/{_trial_label(plan, trial.config)}", resume="allow",
+                reinit=True, allow_val_change=True, group=f"{plan.study}/{plan.stage}", project=self.project,
+                config=_clean_log(_trial_params(plan, trial.config)), job_type=plan.stage,
+            )  # fmt: skip
+            kwargs.update(self.kwargs)
+            self._start_logging_actor(trial, list(self._exclude_results) + list(self.excludes) + ["config"], **kwargs)
+
+        def on_experiment_end(self, trials, **info):
+            # Trials cut off (a signal, a stage error) never sent their end: tell their
+            # logging processes, and wait briefly for them when interrupted.
+            for trial in list(self._trial_queues):
+                if trial in self._trial_logging_futures:
+                    self._signal_logging_actor_stop(trial)
+            if interrupt.interrupted():
+                self._upload_timeout = min(self._upload_timeout, 10)
+            super().on_experiment_end(trials, **info)  # waits (bounded) for W&B to finish
+            # Tune synced the trial directories before the last runs finished writing:
+            # copy each run's W&B directory to the study's storage once more, so that
+            # `wandb sync <storage>/ray/<stage>/*/wandb/offline-run-*` has every run.
+            import pyarrow.fs as pafs
+
+            for trial in trials:
+                if not getattr(trial.storage, "trial_dir_name", None):
+                    continue  # never started (pending when the stage ended): no directory
+                try:
+                    local = Path(trial.storage.trial_driver_staging_path) / "wandb"
+                    if not local.is_dir():
+                        continue
+                    dest, fs = f"{trial.storage.trial_fs_path}/wandb", trial.storage.storage_filesystem
+                    if isinstance(fs, pafs.LocalFileSystem) and local.resolve() == Path(dest).resolve():
+                        continue
+                    pafs.copy_files(str(local), dest, destination_filesystem=fs)
+                except Exception as e:  # noqa: BLE001 - the runs stay on this machine; say so
+                    print(f"warning: could not copy the W&B runs of trial {trial.trial_id}: {e}", file=sys.stderr)
+
+        def log_trial_result(self, iteration, trial, result):
+            out = _by_task(result)
+            if result.get("accuracy_matrix") and int(result.get("task", 0)) >= int(result.get("n_tasks", 1) or 1):
+                out["accuracy_matrix"] = result["accuracy_matrix"]  # the actor makes it a table
+            super().log_trial_result(iteration, trial, out)
+
+    kwargs: dict[str, Any] = {"tags": [plan.study, plan.stage, *spec.tags]}
+    if not plan.verbose:
+        # W&B prints a run summary per trial into the driver's console; mmcl's stage
+        # view is the console (`mmcl run -v` brings W&B's lines back).
+        kwargs["settings"] = {"silent": True, "console": "off"}
+    if spec.entity:
+        kwargs["entity"] = spec.entity
+    if spec.mode:
+        kwargs["mode"] = spec.mode
+    return _never_fatal(WandbTrials, "wandb")(project=spec.project, upload_timeout=spec.upload_timeout_s, **kwargs)
+
+
+def _tensorboard_callback(plan: StagePlan) -> tune.Callback:
+    from ray.tune.logger import TBXLoggerCallback
+
+    class TensorboardTrials(TBXLoggerCallback):
+        def log_trial_result(self, iteration, trial, result):
+            super().log_trial_result(iteration, trial, _by_task(result))
+
+        def log_trial_end(self, trial, failed=False):
+            table = _matrix_table(trial.last_result)
+            writer = self._trial_writer.get(trial)
+            if table is not None and writer is not None:
+                cols, rows = table
+                md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                md += ["| " + " | ".join("" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v) for v in r) + " |" for r in rows]
+                writer.add_text("accuracy_matrix", "\n".join(md), global_step=len(rows) - 1)
+            super().log_trial_end(trial, failed=failed)
+
+    return _never_fatal(TensorboardTrials, "tensorboard")()
 
 
 # --------------------------------------------------------------------------- stages
@@ -546,7 +807,48 @@ class _ConsoleCallback(tune.Callback):
         self.view.tick()
 
 
-def _build_tuner(plan: StagePlan, restore: bool, callbacks: list | None = None, verbose: bool = False) -> tune.Tuner:
+class _ResourceWatch(tune.Callback, tune.stopper.Stopper):
+    """Ends a stage whose trials have waited ``resources.wait_timeout_s`` with none of them
+    running: Tune itself waits forever for resources the cluster may never offer (it only
+    logs a warning). As a stopper it ends the run the way Ctrl-C does (state saved), so
+    `mmcl resume` continues it; the driver then raises :class:`StageStarved`."""
+
+    def __init__(self, plan: StagePlan):
+        self.plan, self.timeout_s = plan, plan.resources.wait_timeout_s
+        self.since: float | None = None  # set at the stage's first step
+        self.starved = ""
+
+    def on_step_begin(self, iteration, trials, **info):
+        now = time.monotonic()
+        if self.starved:
+            return
+        waiting = sum(t.status == "PENDING" for t in trials)
+        if self.since is None or not waiting or any(t.status == "RUNNING" for t in trials):
+            self.since = now
+        elif now - self.since > self.timeout_s:
+            offered = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+            r = self.plan.resources
+            self.starved = (
+                f"stage {self.plan.stage}: {waiting} trial(s) waited {self.timeout_s:.0f} s for resources with none "
+                f"running; each asks for cpu={r.cpu:g}, gpu={r.gpu:g} (`resources:` in the study) and the cluster "
+                f"offers {', '.join(f'{k}={v:g}' for k, v in sorted(offered.items())) or 'nothing'} in all. Fix: "
+                f"lower `resources:` or add nodes, then `mmcl resume {shlex.quote(self.plan.out_dir)}`; on an "
+                f"autoscaling cluster raise `resources.wait_timeout_s`"
+            )
+
+    def __call__(self, trial_id, result) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return bool(self.starved)
+
+    # Tune pickles its run config with the experiment; a restored stage gets a new watch.
+    def __getstate__(self):
+        return {**self.__dict__, "since": None, "starved": ""}
+
+
+def _build_tuner(plan: StagePlan, restore: bool, callbacks: list | None = None, verbose: bool = False,
+                 stopper: tune.stopper.Stopper | None = None) -> tune.Tuner:  # fmt: skip
     # reuse_actors: a trial's process (torch, open_clip, the benchmark cache) serves the
     # next trial too, instead of a fresh interpreter per trial.
     trainable = tune.with_resources(
@@ -566,6 +868,7 @@ def _build_tuner(plan: StagePlan, restore: bool, callbacks: list | None = None, 
         rc = tuner._local_tuner._run_config if getattr(tuner, "_local_tuner", None) else None
         if rc is not None:
             rc.callbacks = list(callbacks or [])
+            rc.stop = stopper
             rc.verbose = 1 if verbose else 0
         return tuner
 
@@ -579,6 +882,7 @@ def _build_tuner(plan: StagePlan, restore: bool, callbacks: list | None = None, 
         # (mmcl/progress.py, fed by the callback) says what a researcher needs.
         verbose=1 if verbose else 0,
         callbacks=list(callbacks or []),
+        stop=stopper,
     )
     if plan.kind == "search":
         from search_spaces import get_space
@@ -640,9 +944,13 @@ def run_stage(plan: StagePlan, restore: bool = False, verbose: bool = False) -> 
     view = StageProgress(plan.stage, plan.num_trials, plan.n_tasks)
     try:
         with interrupt.tune_run():
-            grid = _build_tuner(plan, restore, [_ConsoleCallback(plan, view)], verbose).fit()
+            watch = _ResourceWatch(plan)
+            callbacks = [_ConsoleCallback(plan, view), watch, *_tracking_callbacks(plan)]
+            grid = _build_tuner(plan, restore, callbacks, verbose, stopper=watch).fit()
     finally:
         view.close()
+    if watch.starved:
+        raise StageStarved(watch.starved)
     if interrupt.interrupted():
         # Tune marks the trials it cut off TERMINATED: only the signal tells.
         raise StageInterrupted(

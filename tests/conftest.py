@@ -36,6 +36,24 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
+_TERMINAL = {}
+
+
+def pytest_configure(config):
+    _TERMINAL["tr"] = config.pluginmanager.get_plugin("terminalreporter")
+
+
+def pytest_runtest_logreport(report):
+    # A failure's traceback as it happens, not only in the summary at the end: a later test
+    # that hangs until the per-test timeout ends the process (timeout_method = thread)
+    # would otherwise take the earlier failure's reason with it.
+    tr = _TERMINAL.get("tr")
+    if report.failed and tr is not None:
+        tr.write_line("")
+        tr.write_sep("-", f"FAILED {report.nodeid} ({report.when})", red=True)
+        tr.write_line(report.longreprtext[-6000:])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -46,26 +64,74 @@ def _ray_bin() -> str:
     return str(Path(sys.executable).parent / "ray")
 
 
+def stop_process_tree(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything under it:
+    SIGTERM to its process group (``ray start --block`` then stops its node cleanly),
+    SIGKILL to whatever of its group or its descendants is left after ``grace_s``."""
+    import signal
+
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc.poll() is None:
+        proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A real Ray head on 127.0.0.1 with 2 CPUs and its dashboard (for job submission)."""
+def ray_cluster(tmp_path_factory):
+    """A real Ray head on 127.0.0.1 with 2 CPUs and its dashboard (for job submission).
+
+    It runs as `ray start --head --block` in its own process group with its own temp dir,
+    and is stopped by that group at the end: never `ray stop`, which would stop every Ray
+    node on the machine (another session's, a test's own loopback cluster)."""
+    import tempfile
+
     env = {**os.environ}
     env.pop("RAY_ADDRESS", None)
-    # A head left over from an interrupted session would clash (GCS session names).
-    subprocess.run([_ray_bin(), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    logs = tmp_path_factory.mktemp("ray-head")
+    # Ray's socket paths must stay short.
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+    proc = None
     for attempt in range(2):
         port, dash = _free_port(), _free_port()
         cmd = [
-            _ray_bin(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+            _ray_bin(), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
             "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}", "--disable-usage-stats",
+            f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={temp_dir}",
         ]  # fmt: skip
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-        if r.returncode == 0:
+        log = open(logs / f"head-{attempt}.log", "wb")
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # Up when both the GCS and the dashboard (job submission) accept connections.
+        up = wait_for(lambda: proc.poll() is not None or (_listening(port) and _listening(dash)), timeout=180,
+                      interval=1)  # fmt: skip
+        if up and proc.poll() is None:
             break
-        subprocess.run([_ray_bin(), "stop", "--force"], env=env, capture_output=True, timeout=120)
-    else:
-        pytest.fail(f"ray start failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        stop_process_tree(proc)
+        proc = None
+    if proc is None:
+        text = "\n".join(f.name + ": " + f.read_text(errors="replace")[-3000:] for f in sorted(logs.glob("*.log")))
+        pytest.fail(f"ray start --head did not come up on 127.0.0.1 within 180 s (twice):\n{text}")
     address = f"127.0.0.1:{port}"
     os.environ["RAY_ADDRESS"] = address
     info = {"address": address, "dashboard": f"http://127.0.0.1:{dash}"}
@@ -79,7 +145,16 @@ def ray_cluster():
                 ray.shutdown()
         finally:
             os.environ.pop("RAY_ADDRESS", None)
-            subprocess.run([_ray_bin(), "stop", "--force"], env=env, capture_output=True, timeout=120)
+            stop_process_tree(proc)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="session")
@@ -107,11 +182,7 @@ def s3_server():
     )  # fmt: skip
 
     def listening() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return True
-        except OSError:
-            return proc.poll() is not None  # stop waiting if it died
+        return _listening(port) or proc.poll() is not None  # stop waiting if it died
 
     if not wait_for(listening, timeout=60) or proc.poll() is not None:
         proc.kill()

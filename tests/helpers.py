@@ -49,7 +49,9 @@ def tiny_study(path, stages: list[dict], name: str = "tiny", method: str = "fine
         "storage": str(Path(path).parent / "results"),
         "run": run,
         "stages": stages,
-        "resources": {"cpu": 1, "gpu": 0},
+        # A stage that cannot get its CPUs (trials a killed driver left behind holding
+        # them) fails within minutes, naming why, instead of waiting out the suite.
+        "resources": {"cpu": 1, "gpu": 0, "wait_timeout_s": 300},
         "max_concurrent_trials": max_concurrent,
         "failure": {"max_failures": max_failures},
     }

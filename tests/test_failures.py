@@ -66,6 +66,23 @@ def test_nan_trial_is_recorded_as_error_and_the_study_goes_on(ray_cluster, tmp_p
     assert (acc[acc.trial_id == bad.trial_id].step == 0).any()
 
 
+def test_a_stage_whose_trials_never_get_resources_ends_naming_ask_and_offer(ray_cluster, tmp_path):
+    """Tune would wait forever for a trial asking more than any node has; the stage ends
+    after `resources.wait_timeout_s`, resumable, saying what it asked and what it got."""
+    import yaml
+
+    study = tiny_study(tmp_path / "s.yaml", [{"name": "abl", "kind": "ablation", "seeds": [0]}])
+    data = yaml.safe_load(study.read_text())
+    data["resources"] = {"cpu": 3, "gpu": 0, "wait_timeout_s": 8}  # the session's head has 2 CPUs
+    study.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = tmp_path / "out"
+    r = subprocess.run(mmcl_cmd("run", str(study), "--output", str(out)), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "stage abl: 1 trial(s) waited 8 s for resources with none running" in r.stderr, r.stderr[-3000:]
+    assert "cpu=3, gpu=0" in r.stderr and "CPU=2" in r.stderr and f"mmcl resume {out}" in r.stderr
+    assert not (out / "trials.parquet").exists()  # nothing recorded as done
+
+
 def test_interrupted_driver_then_resume_finishes_without_rerun_or_duplicates(ray_cluster, tmp_path):
     study = tiny_study(
         tmp_path / "s.yaml",

@@ -51,6 +51,16 @@ def _orders_study(path: Path, steps: int) -> Path:
     return tiny_study(path, [{"name": "orders", "kind": "orders", "seeds": [0]}], num_tasks=3, steps=steps)
 
 
+def _free_cpus(address: str) -> float:
+    """The cluster's available CPUs, asked from a short-lived driver of its own."""
+    import sys
+
+    code = f"import ray; ray.init(address={address!r}, log_to_driver=False); print(ray.available_resources().get('CPU', 0))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "RAY_ADDRESS": address})  # fmt: skip
+    return float(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 and r.stdout.strip() else -1.0
+
+
 def _assert_complete_rows(res, n_tasks: int = 3) -> None:
     acc, trials = res.accuracy, res.trials
     assert (trials.status == "completed").all(), trials[["trial_id", "status", "error"]]
@@ -179,6 +189,10 @@ def test_driver_killed_then_resumed_from_another_machine_keeps_the_search(ray_cl
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         log.close()
+    # Ray ends a dead driver's trial actors; until it has, their CPUs are not free.
+    assert wait_for(lambda: _free_cpus(ray_cluster["address"]) == 2, timeout=180, interval=3), (
+        f"180 s after the driver was killed its trials still hold CPUs: {_free_cpus(ray_cluster['address'])} of 2 free"
+    )
     r = subprocess.run(mmcl_cmd("resume", out.uri), cwd=second_disk, env={**env, "TMPDIR": str(second_disk / "tmp")},
                        capture_output=True, text=True, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]

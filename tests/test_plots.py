@@ -116,10 +116,12 @@ def test_param_importance_reads_the_stage_journal(tmp_path):
     study = optuna.create_study(study_name="demo.search", storage=storage, direction="maximize",
                                 sampler=optuna.samplers.RandomSampler(seed=0))  # fmt: skip
 
-    def objective(trial):  # only lr matters
+    def objective(trial):  # only lr matters; one value per task, as mmcl's searcher reports
         lr = trial.suggest_float("lr", 1e-5, 1e-1, log=True)
         trial.suggest_float("noise", 0.0, 1.0)
-        return -abs(np.log10(lr) + 3)
+        for task in (1, 2, 3):
+            trial.report(-abs(np.log10(lr) + 3) - 0.1 * task, step=task)
+        return -abs(np.log10(lr) + 3) - 0.3
 
     study.optimize(objective, n_trials=24)
     fig = plots.param_importance(analysis.load(out), "search")

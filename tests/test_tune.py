@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -107,6 +109,8 @@ def test_search_stage_with_asha_on_ray(ray_cluster, tmp_path):
     assert (trials["env/torch_version"] == torch.__version__).all() and (trials["env/device"] == "cpu").all()
     assert (trials["env/gpu_count"] == "0").all() and (trials["env/gpu_name"] == "").all()
     assert (trials["env/amp_dtype"] == "off").all() and (trials["env/effective_batch_size"] == "8").all()
+    # The trials' interpreter is this environment's (the driver's), not a copy of it.
+    assert trials["env/python"].map(lambda p: str(Path(p).parent)).eq(str(Path(sys.executable).parent)).all()
     # One accuracy row per (trial, step, eval task), steps 0..tasks trained.
     assert not acc.duplicated(["trial_id", "step", "eval_task"]).any()
     for _, t in trials.iterrows():
@@ -133,3 +137,33 @@ def test_search_stage_with_asha_on_ray(ray_cluster, tmp_path):
     state = json.loads((out / "study_state.json").read_text())
     best = trials[trials.status == "completed"].sort_values("avg").iloc[-1]
     assert state["stages"]["search"]["best_trial"] == best.trial_id
+
+
+@pytest.mark.slow
+def test_uv_run_driver_keeps_its_workers_in_its_own_environment(ray_cluster, tmp_path):
+    """`uv run mmcl run ...` from the project (the README's command): Ray's uv integration
+    would relaunch each trial with `uv run` in an uploaded copy of the working directory,
+    in a second virtual environment; mmcl turns it off, so the trials run the driver's
+    interpreter (env/python) and nothing of the working directory is uploaded."""
+    import os
+    import shutil
+    import subprocess
+
+    from .conftest import REPO
+
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not on PATH (.ci/run installs it)")
+    study = tiny_study(tmp_path / "s.yaml", [{"name": "abl", "kind": "ablation", "variants": ["full"], "seeds": [0]}],
+                       num_tasks=2)  # fmt: skip
+    # This process imported mmcl.tune, which set the switch off in its own environment:
+    # the driver must turn it off by itself.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_UV_RUN_RUNTIME_ENV"}
+    out = tmp_path / "out"
+    r = subprocess.run([uv, "run", "mmcl", "run", str(study), "--output", str(out)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = pd.read_parquet(out / "trials.parquet")
+    venv_bin = str(Path(sys.executable).parent)
+    assert trials["env/python"].map(lambda p: str(Path(p).parent)).eq(venv_bin).all(), trials["env/python"].tolist()
+    assert "working_dir" not in r.stderr and "_ray_pkg_" not in r.stdout + r.stderr, r.stderr[-2000:]

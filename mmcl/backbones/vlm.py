@@ -187,22 +187,30 @@ def pretrain_tiny(directory: str | Path, steps: int = PRETRAIN_STEPS, batch_size
     return losses
 
 
-def _tiny_dir(spec: BackboneSpec) -> Path:
+def tiny_model_dir(spec: BackboneSpec) -> Path:
+    """Where ``mmcl:tiny`` / ``mmcl:tiny-pretrained`` of ``spec.kind`` lives in the cache,
+    whether it is built yet or not (``mmcl plan`` reads its config.json without building)."""
     cache = Path(spec.cache_dir or os.environ.get("MMCL_CACHE", Path.home() / ".cache" / "mmcl")).expanduser()
-    pretrained = spec.path == TINY_PRETRAINED
     from mmcl.data.synthetic_text import GENERATOR_VERSION
 
     from mmcl.backbones.pretrain import recipe_seed
 
     seed = recipe_seed()
     name = f"{TINY_VERSION}-{spec.kind}"
-    if pretrained:
+    if spec.path == TINY_PRETRAINED:
         name += f"-pretrained-{GENERATOR_VERSION}-{PRETRAIN_STEPS}-r{PRETRAIN_VERSION}"
     if seed:
         name += f"-s{seed}"
-    final = cache / name
+    return cache / name
+
+
+def _tiny_dir(spec: BackboneSpec) -> Path:
+    from mmcl.backbones.pretrain import recipe_seed
+
+    final = tiny_model_dir(spec)
     if (final / "config.json").is_file():
         return final
+    cache, pretrained, seed = final.parent, spec.path == TINY_PRETRAINED, recipe_seed()
     cache.mkdir(parents=True, exist_ok=True)
     # Built in a private directory and renamed into place: trials that start together
     # never see a half-written model.
