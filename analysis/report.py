@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,8 +21,10 @@ from analysis.tables import (
 
 if TYPE_CHECKING:
     from analysis import Results
+    from mmcl.study import TuningNote
 
 REPORT_NAME = "report.md"
+log = logging.getLogger(__name__)
 
 
 def _cell(x: object) -> str:
@@ -104,6 +107,27 @@ def _stages(res: Results) -> list:
     return list(pd.unique(m["stage"].dropna())) if len(m) else []
 
 
+def tuning_notes(path: Any) -> dict[str, "TuningNote"]:
+    """Which stages' numbers were tuned on other data than the trials' own (a search with
+    ``tune_on``, and the stages that start from it), from the results directory's
+    study.yaml: stage -> one sentence (:func:`mmcl.study.tuning_notes`). Empty when the
+    directory has no readable study.yaml (tables copied without it)."""
+    import yaml
+
+    from mmcl.spec import SpecError, StudySpec
+    from mmcl.storage import open_storage
+    from mmcl.study import tuning_notes as notes_of
+
+    store = open_storage(path)
+    if not store.is_file("study.yaml"):
+        return {}
+    try:
+        return notes_of(StudySpec.model_validate(yaml.safe_load(store.read_text("study.yaml"))))
+    except (ValueError, SpecError, yaml.YAMLError) as e:  # pydantic's ValidationError is a ValueError
+        log.warning("%s: cannot say which data tuned which stage (%s)", store.where("study.yaml"), e)
+        return {}
+
+
 def build_report(path: Any) -> str:
     """The whole report as Markdown: summary, leaderboards, ablations, orders, best matrices."""
     import analysis
@@ -116,10 +140,14 @@ def build_report(path: Any) -> str:
         return "\n".join(lines)
 
     lines += _section("Summary (Avg / Last / Transfer / BWT per stage)", markdown_table(_pct(summary_table(res))))
+    tuned = tuning_notes(res.path)
+    if tuned:
+        lines += _section("Tuning data", "\n".join(f"- **{st}**: {note.sentence()}." for st, note in tuned.items()))
 
     search_stages = list(pd.unique(metrics.loc[metrics["variant"] == "search", "stage"]))
     for st in search_stages:
-        lines += _section(f"Search leaderboard: {st}", _or_none(_pct(search_leaderboard(res, stage=st)), False, "trials"))
+        where = f" (tuned on {tuned[st].data})" if st in tuned else ""
+        lines += _section(f"Search leaderboard: {st}{where}", _or_none(_pct(search_leaderboard(res, stage=st)), False, "trials"))
         lines += _importance_section(res, st)
 
     ablation = ablation_table(res)

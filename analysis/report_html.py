@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from analysis.report import _best_trial, _pct, accuracy_matrix
+from analysis.report import _best_trial, _pct, accuracy_matrix, tuning_notes
 from analysis.tables import ablation_table, order_breakdown, order_robustness, search_leaderboard, summary_table
 
 if TYPE_CHECKING:
@@ -64,10 +64,15 @@ def build_html_report(res: Results) -> str:
         out.append("<p>No trials recorded yet.</p></body></html>")
         return "\n".join(out)
     out += ["<h2>Summary (Avg / Last / Transfer / BWT per stage)</h2>", _table(_pct(summary_table(res)))]
+    tuned = tuning_notes(res.path)
+    if tuned:
+        items = "".join(f"<li><b>{html.escape(st)}</b>: {html.escape(n.sentence())}.</li>" for st, n in tuned.items())
+        out += ["<h2>Tuning data</h2>", f"<ul>{items}</ul>"]
     out.append(_figure(lambda: plots.avg_vs_last(res), "Avg vs Last per trial"))
 
     for st in pd.unique(metrics.loc[metrics["variant"] == "search", "stage"]):
-        out += [f"<h2>Search: {html.escape(str(st))}</h2>", _table(_pct(search_leaderboard(res, stage=st)))]
+        where = f" (tuned on {tuned[st].data})" if st in tuned else ""
+        out += [f"<h2>Search: {html.escape(str(st) + where)}</h2>", _table(_pct(search_leaderboard(res, stage=st)))]
         out.append(_figure(lambda st=st: plots.search_history(res, st), f"search history of {st}"))
         if res.path is not None and Path(str(res.path), "optuna", f"{st}.journal").is_file():
             out.append(_figure(lambda st=st: plots.param_importance(res, st), f"parameter importance of {st}"))

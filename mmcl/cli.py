@@ -46,6 +46,11 @@ def _print_summary(out: Storage, study: StudySpec) -> int:
     res = analysis.load(out)
     table = summary_table(res)
     print("\n" + table.to_string(index=False) if len(table) else "(no trials)")
+    from mmcl.study import tuning_notes
+
+    for st, note in tuning_notes(study).items():
+        # Numbers of a search tuned on a subset are not comparable with the full run's.
+        print(f"{st}: {note.sentence()}")
     md = write_report(out)
     print(f"\nresults: {out.where()}\nreport:  {md}\n         {write_html_report(out)}")
     code, lines = errored_verdict(res.trials, study.failure.max_errored_fraction)

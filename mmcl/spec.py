@@ -278,6 +278,43 @@ class StageBase(Strict):
         return v
 
 
+class TuneOnSpec(Strict):
+    """Which data a search stage tunes on, when it is not the run's own task stream.
+
+    Exactly one of:
+
+    ``first_k``
+        the first k tasks of the run's order (Chaudhry et al. 2019, "Efficient Lifelong
+        Learning with A-GEM": hyperparameters chosen on the first 3 tasks). The search
+        trials train and evaluate those k tasks only; a later stage with ``base: <this
+        stage>`` runs the best config on the whole sequence.
+    ``benchmark``
+        another benchmark or another order of this one (the two-phase protocol of Cha &
+        Cho 2024, "Hyperparameters in Continual Learning: A Reality Check": tune on one
+        scenario, evaluate on another). Without ``name`` or with the run's own name, the
+        keys given replace the run's (``{order: [...]}``, ``{options: {...}}``; ``order``
+        and ``num_tasks`` go together: giving one resets the other); with another name it
+        is a whole benchmark block (unset keys at their defaults).
+
+    ``tune_on: first_k`` alone means ``{first_k: 3}``, Chaudhry et al.'s k.
+    """
+
+    first_k: int | None = Field(default=None, ge=1)
+    benchmark: BenchmarkSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"first_k": 3} if v == "first_k" else v
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "TuneOnSpec":
+        if (self.first_k is None) == (self.benchmark is None):
+            got = "both" if self.first_k is not None else "neither"
+            raise ValueError(f"give exactly one of first_k and benchmark (got {got}); e.g. tune_on: {{first_k: 3}}")
+        return self
+
+
 class SearchStage(StageBase):
     kind: Literal["search"]
     # Name of a module in search_spaces/ (e.g. "lwf"); it defines the Optuna space.
@@ -286,6 +323,8 @@ class SearchStage(StageBase):
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     # Optuna sampler seed (TPE); None = random.
     sampler_seed: int | None = 0
+    # Tune on other data than the run's task stream (TuneOnSpec); None = the run's own.
+    tune_on: TuneOnSpec | None = None
 
 
 class AblationStage(StageBase):

@@ -28,6 +28,7 @@ from mmcl.spec import (
     SpecError,
     StudySpec,
     TrackingSpec,
+    TuneOnSpec,
     apply_overrides,
 )
 
@@ -194,6 +195,78 @@ def _check_method_run(run: RunSpec, where: str) -> None:
         raise SpecError(f"{where}: {e}") from None
 
 
+def tuning_run(tune_on: TuneOnSpec | None, run: RunSpec, where: str) -> RunSpec:
+    """The run a search stage's trials execute: ``run`` itself, or ``run`` restricted to
+    the tuning data of ``tune_on`` (see :class:`mmcl.spec.TuneOnSpec`). Only the benchmark
+    changes; the search's best overrides stay overrides of the stage's base, so a later
+    stage applies them to the whole sequence."""
+    if tune_on is None:
+        return run
+    names = _task_names(run)
+    if tune_on.first_k is not None:
+        k = tune_on.first_k
+        if k >= len(names):
+            raise SpecError(
+                f"{where}.tune_on.first_k: {k}, but the run has {len(names)} task(s), so nothing is "
+                f"left to evaluate the tuned config on; fix: first_k below {len(names)}, or remove tune_on"
+            )
+        tuned = run.model_copy(deep=True)
+        tuned.benchmark.order, tuned.benchmark.num_tasks = names[:k], None
+        return tuned
+    given = tune_on.benchmark
+    assert given is not None  # TuneOnSpec holds exactly one of first_k / benchmark
+    if "name" not in given.model_fields_set or given.name == run.benchmark.name:
+        keys = set(given.model_fields_set)
+        if keys & {"order", "num_tasks"}:
+            keys |= {"order", "num_tasks"}  # the task list is one thing: the run's num_tasks cuts no other order
+        bench = run.benchmark.model_copy(update={f: getattr(given, f) for f in keys}, deep=True)
+    else:
+        bench = given.model_copy(deep=True)
+    tuned = run.model_copy(update={"benchmark": bench}, deep=True)
+    from mmcl.data import _needed_tasks, benchmark_task_names, check_backbone_fits
+
+    try:
+        # An unknown benchmark, option or task name fails here, not in the first trial.
+        _needed_tasks(bench, benchmark_task_names(bench))
+        check_backbone_fits(bench, tuned.backbone.kind)
+    except SpecError as e:
+        raise SpecError(str(e).replace("run.benchmark.", f"{where}.tune_on.benchmark.")) from None
+    return tuned
+
+
+class TuningNote(BaseModel):
+    """Where a stage's numbers were tuned, when not on its own trials' tasks."""
+
+    data: str  # "the first 3 of the run's 6 tasks (a, b, c)", "benchmark x with tasks ..."
+    from_stage: str | None = None  # None: this stage's own trials ran on ``data``
+
+    def sentence(self) -> str:
+        if self.from_stage is None:
+            return f"tuned on {self.data}: its trials trained and were scored on these tasks only"
+        return f"config from stage {self.from_stage}, tuned on {self.data}; this stage ran the run's own tasks"
+
+
+def tuning_notes(study: StudySpec) -> dict[str, TuningNote]:
+    """The :class:`TuningNote` of each stage whose numbers come from other data than the
+    run's task stream: a search with ``tune_on``, and every stage that starts from one
+    (directly or through another stage). For ``mmcl plan`` and the report."""
+    notes: dict[str, TuningNote] = {}
+    for i, st in enumerate(study.stages):
+        base = getattr(st, "base", "run")
+        if isinstance(st, SearchStage) and st.tune_on is not None:
+            full = _task_names(study.run)
+            names = _task_names(tuning_run(st.tune_on, study.run, f"stages[{i}] ({st.name})"))
+            if st.tune_on.first_k is not None:
+                data = f"the first {len(names)} of the run's {len(full)} tasks ({', '.join(names)})"
+            else:
+                bench = tuning_run(st.tune_on, study.run, f"stages[{i}] ({st.name})").benchmark.name
+                data = f"benchmark {bench} with tasks {', '.join(names)}"
+            notes[st.name] = TuningNote(data=data)
+        elif base in notes:
+            notes[st.name] = TuningNote(data=notes[base].data, from_stage=notes[base].from_stage or base)
+    return notes
+
+
 def check_stages(study: StudySpec) -> None:
     """Load-time checks of every stage against the run (no data, no Ray, no GPU)."""
     from mmcl.data import check_backbone_fits
@@ -206,6 +279,8 @@ def check_stages(study: StudySpec) -> None:
         apply_overrides(study.run, getattr(st, "overrides", {}), where=f"{where}.overrides")
         if isinstance(st, SearchStage):
             _sample_space(st.search_space, study.run, where)
+            if st.tune_on is not None:
+                _check_method_run(tuning_run(st.tune_on, study.run, where), f"{where}.tune_on")
         elif isinstance(st, AblationStage):
             for v, ov in _variant_overrides(st, study.run, where).items():
                 varied = apply_overrides(study.run, {**st.overrides, **ov}, where=f"{where}.variants.{v}")
@@ -231,6 +306,14 @@ def smoke(study: StudySpec) -> StudySpec:
     for st in s.stages:
         if isinstance(st, SearchStage):
             st.num_samples = min(st.num_samples, 3)
+            t = st.tune_on
+            if t is not None and t.first_k is not None:
+                # Keep at least one of the 3 smoke tasks out of the tuning.
+                t.first_k = min(t.first_k, max(1, min(3, n) - 1))
+            elif t is not None and t.benchmark is not None:
+                t.benchmark.num_tasks = min(3, t.benchmark.num_tasks or 3)
+                if t.benchmark.order:
+                    t.benchmark.order = t.benchmark.order[:3]
         elif isinstance(st, AblationStage):
             st.seeds = st.seeds[:1]
             if isinstance(st.variants, dict):
@@ -260,6 +343,8 @@ def plan_stage(study: StudySpec, index: int, out_dir: str | Path, best: dict[str
         # Match torch's threads to the CPUs Ray gives the trial, or two trials fight.
         run.torch_threads = max(1, int(study.resources.cpu))
     base_run = apply_overrides(run, base_ov, where=f"{where} base")
+    if isinstance(st, SearchStage):
+        base_run = tuning_run(st.tune_on, base_run, where)
     names = _task_names(base_run)
     common = dict(
         study=study.name,
@@ -322,6 +407,7 @@ def describe_plan(study: StudySpec, params: bool = False) -> str:
     lines = [f"study {study.name}: {len(study.stages)} stage(s)"]
     r = study.resources
     total = 0
+    notes = tuning_notes(study)
     for i, st in enumerate(study.stages):
         plan = plan_stage(study, i, Path("."), best={})
         total += plan.num_trials
@@ -345,6 +431,8 @@ def describe_plan(study: StudySpec, params: bool = False) -> str:
             f"      method {run.method.name}, backbone {_describe_backbone(run.backbone)}, "
             f"benchmark {run.benchmark.name} with {plan.n_tasks} tasks"
         )
+        if st.name in notes:
+            lines.append(f"      {notes[st.name].sentence()}")
     lines.append(
         f"  total {total} trial(s); each asks for {r.cpu:g} CPU and {r.gpu:g} GPU; "
         f"at most {study.max_concurrent_trials} at once; a failed trial is retried {study.failure.max_failures} time(s)"

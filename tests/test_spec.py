@@ -34,6 +34,9 @@ EXPECTED = {
     "duplicate_stage.yaml": ["stage name 'a' is used twice"],
     "bad_override_key.yaml": ["'training.learning_rate' does not name a key of the run block"],
     "unknown_benchmark.yaml": ["run.benchmark.name", "mtill", "synthetic"],
+    "tune_on_first_k_too_big.yaml": ["stages[0] (s).tune_on.first_k: 3", "the run has 3 task(s)", "fix: first_k below 3"],
+    "tune_on_both.yaml": ["stages.0.tune_on", "exactly one of first_k and benchmark (got both)"],
+    "tune_on_unknown_task.yaml": ["stages[0] (s).tune_on.benchmark", "colours"],
 }
 
 
