@@ -10,6 +10,7 @@ mmcl.storage)::
     trials.parquet
     curves.parquet
     optuna/<stage>.journal   Optuna storage of each search stage (optuna-dashboard opens it)
+    asha/<stage>.json        ASHA's rungs and stop decisions of each search stage (mmcl.tune.ContinualASHA)
     ray/<stage>/             Ray Tune experiment (trial checkpoints, searcher state)
     parts/accuracy/<stage>/<trial_id>/step_003.parquet   one file per (trial, step)
     parts/curves/<stage>/<trial_id>/task_002.parquet     one file per (trial, task)

@@ -16,6 +16,7 @@ so the subclass tells PRUNED at the trial's last task instead.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -125,6 +126,112 @@ class ContinualOptunaSearch(OptunaSearch):
             if t.number not in live:
                 self._ot_study._storage.set_trial_user_attr(t._trial_id, "lost_with_driver", True)
                 self._ot_study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+
+
+class ContinualASHA(tune.schedulers.AsyncHyperBandScheduler):
+    """ASHA over the task index whose decisions survive ``mmcl resume``.
+
+    Tune saves its searcher with the experiment but not its scheduler: a restored Tuner
+    unpickles the scheduler as it was when the stage started (ray-project/ray#30838), so
+    every score recorded at a rung is forgotten and a resumed search prunes against the
+    new trials only (it keeps trials a finished run would have stopped). This one writes
+    its rungs, each trial's bracket and the trials it stopped to
+    ``<storage>/asha/<stage>.json`` whenever they change (one small write per task
+    boundary) and reads them back the first time a restored Tuner adds a trial.
+
+    A trial it stopped that the restored experiment still lists as unfinished (the driver
+    died between the decision and Tune's next experiment snapshot) is stopped again at
+    its first result instead of running on.
+    """
+
+    STATE_VERSION = 1
+
+    def __init__(self, *, out_dir: str, stage: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._out_dir, self._stage = out_dir, stage
+        self._stopped: set[str] = set()
+        self._loaded = False
+        # A fresh stage starts from nothing, whatever an earlier attempt left there.
+        self._save()
+        self._loaded = True
+
+    @staticmethod
+    def state_key(stage: str) -> str:
+        return f"asha/{stage}.json"
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_store"}  # a filesystem client
+
+    def __setstate__(self, state: dict) -> None:
+        # Unpickled by Tuner.restore from the stage's start: load the saved state lazily
+        # (on_trial_add), in the driver that restores, from the study's storage.
+        self.__dict__.update(state)
+        self._loaded = False
+
+    @property
+    def _storage(self) -> Storage:
+        if "_store" not in self.__dict__:
+            self._store = Storage.open(self._out_dir)
+        return self._store
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "version": self.STATE_VERSION,
+            "rungs": [[[m, dict(rec)] for m, rec in b._rungs] for b in self._brackets],
+            "bracket_of": {tid: self._brackets.index(b) for tid, b in self._trial_info.items()},
+            "stopped": sorted(self._stopped),
+            "num_stopped": self._num_stopped,
+        }
+
+    def _save(self) -> None:
+        self._storage.write_text(self.state_key(self._stage), json.dumps(self._state()))
+
+    def _load(self) -> None:
+        self._loaded = True
+        store = self._storage
+        if not store.is_file(self.state_key(self._stage)):
+            return
+        saved = json.loads(store.read_text(self.state_key(self._stage)))
+        shape = [[m for m, _ in b._rungs] for b in self._brackets]
+        if saved.get("version") != self.STATE_VERSION or [[m for m, _ in b] for b in saved["rungs"]] != shape:
+            raise RuntimeError(
+                f"{store.where(self.state_key(self._stage))}: ASHA state of another scheduler "
+                f"(rungs {saved.get('rungs')!r}, this one {shape}); the stage's scheduler settings changed since it started"
+            )
+        for b, rungs in zip(self._brackets, saved["rungs"]):
+            for (_, rec), (_, saved_rec) in zip(b._rungs, rungs):
+                rec.update(saved_rec)
+        self._saved_bracket_of = {tid: int(i) for tid, i in saved["bracket_of"].items()}
+        self._stopped = set(saved["stopped"])
+        self._num_stopped = int(saved["num_stopped"])
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if not self._loaded:
+            self._load()
+        super().on_trial_add(tune_controller, trial)
+        saved = getattr(self, "_saved_bracket_of", {})
+        if trial.trial_id in saved:
+            # The bracket it was in, not a new random one (its scores are recorded there).
+            self._trial_info[trial.trial_id] = self._brackets[saved[trial.trial_id]]
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if trial.trial_id in self._stopped:
+            return tune.schedulers.TrialScheduler.STOP
+        before = self._state()
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == tune.schedulers.TrialScheduler.STOP:
+            self._stopped.add(trial.trial_id)
+        if self._state() != before:
+            self._save()
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        if trial.trial_id not in self._trial_info:
+            return  # a restored trial that had ended before and is told again
+        before = self._state()
+        super().on_trial_complete(tune_controller, trial, result)
+        if self._state() != before:
+            self._save()
 
 
 class SyncedJournalBackend(BaseJournalBackend):
@@ -297,8 +404,6 @@ def _trial(config: dict[str, Any], plan_json: str) -> None:
 def _matrix_json(end) -> str:
     """The accuracy matrix so far, as the trackers store it: a table whose rows are
     labelled ("zero-shot", "after <task>") and whose columns are the tasks."""
-    import json
-
     labels = ["zero-shot"] + [f"after {t}" for t in end.task_names]
     rows = [[labels[i], *(None if not math.isfinite(float(x)) else round(float(x), 6) for x in r)]
             for i, r in enumerate(end.matrix)]  # fmt: skip
@@ -332,8 +437,6 @@ def _trial_params(plan: StagePlan, config: dict[str, Any]) -> dict[str, Any]:
 
 def _matrix_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]] | None:
     """(columns, rows) of the accuracy matrix in ``result`` (see _matrix_json)."""
-    import json
-
     raw = (result or {}).get("accuracy_matrix")
     if not raw:
         return None
@@ -899,7 +1002,9 @@ def _build_tuner(plan: StagePlan, restore: bool, callbacks: list | None = None, 
         )
         scheduler = None
         if plan.scheduler.kind == "asha":
-            scheduler = tune.schedulers.ASHAScheduler(
+            scheduler = ContinualASHA(
+                out_dir=plan.out_dir,
+                stage=plan.stage,
                 time_attr="task",
                 metric="objective",
                 mode=plan.mode,
@@ -960,8 +1065,6 @@ def run_stage(plan: StagePlan, restore: bool = False, verbose: bool = False) -> 
 
 
 def _trial_rows(plan: StagePlan, grid) -> list[dict[str, Any]]:
-    import json
-
     sha = git_sha()
     rows, unfinished = [], []
     # ResultGrid is built from these Trial objects in this order; only they know whether a

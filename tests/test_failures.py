@@ -155,3 +155,63 @@ def test_driver_interrupted_right_after_a_checkpoint_then_resume_never_adds_a_ro
     # A finished run rewrote its last row with the same values; nothing past it exists.
     acc = pd.read_parquet(out / "accuracy.parquet")
     assert acc.step.max() == 3
+
+
+def test_interrupted_asha_search_resumes_with_its_rungs_and_reruns_no_stopped_trial(ray_cluster, tmp_path):
+    """`mmcl resume` of an ASHA search: the trials ASHA stopped are not run again, the
+    scores it recorded at each rung are still there for the trials that follow, and the
+    search ends with exactly its number of trials (Ray's restore forgets the rungs:
+    tests/test_tune.py shows the difference on the scheduler alone)."""
+    study = tiny_study(
+        tmp_path / "s.yaml",
+        [{"name": "search", "kind": "search", "search_space": "finetune", "num_samples": 6, "sampler_seed": 1,
+          "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2}}],
+        steps=6,
+        max_concurrent=1,
+    )  # fmt: skip
+    out = tmp_path / "out"
+    asha = out / "asha" / "search.json"
+
+    def rung_1() -> dict:
+        try:
+            state = json.loads(asha.read_text())
+        except (OSError, ValueError):
+            return {}
+        return next(rec for m, rec in state["rungs"][0] if m == 1)
+
+    proc = subprocess.Popen(mmcl_cmd("run", str(study), "--output", str(out)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        assert wait_for(lambda: len(rung_1()) >= 3, timeout=400), "ASHA never recorded three trials"
+        proc.send_signal(signal.SIGINT)
+        log, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, log[-3000:]
+    before = json.loads(asha.read_text())
+    ended = {tid for tid in before["stopped"]}
+    parts = out / "parts" / "accuracy" / "search"
+    ended_files = {p: p.stat().st_mtime_ns for tid in ended for p in (parts / tid).glob("*.parquet")}
+    assert ended_files, before
+
+    r = subprocess.run(mmcl_cmd("resume", str(out)), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 6 and set(trials.status) <= {"completed", "stopped"}, trials[["trial_id", "status"]]
+    # Nothing ASHA had ended before the interruption ran again.
+    assert {p: p.stat().st_mtime_ns for p in ended_files} == ended_files
+    # Every score recorded before the interruption is still in the rungs afterwards.
+    after = json.loads(asha.read_text())
+    for (m, rec), (m2, rec2) in zip(before["rungs"][0], after["rungs"][0]):
+        assert m == m2 and rec.items() <= rec2.items(), (m, rec, rec2)
+    assert set(ended) <= set(after["stopped"])
+    # Each trial is recorded at rung 1 once (the resumed ones too) and Optuna has 6 trials.
+    assert set(rung_1()) == set(trials.trial_id)
+    import optuna
+
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "optuna" / "search.journal"))
+    )
+    ot = optuna.load_study(study_name="tiny.search", storage=storage).trials
+    assert len(ot) == 6 and all(t.state.is_finished() for t in ot)

@@ -83,6 +83,66 @@ def test_journal_trials_a_restored_searcher_never_heard_of_are_failed(tmp_path):
     assert optuna.load_study(study_name="x", storage=second._ot_study._storage).best_value == 60.0
 
 
+@pytest.mark.parametrize("scheduler", ["ours", "stock"])
+def test_restored_asha_keeps_its_rungs_and_its_stop_decisions(tmp_path, scheduler):
+    """Tuner.restore unpickles the scheduler as it was when the stage started (tuner.pkl):
+    Ray's own ASHA then has empty rungs, so a trial it would have stopped runs on. Ours
+    reads back what it recorded, and stops again a trial it had stopped that the restored
+    experiment still lists as running."""
+    import pickle
+
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+
+    from mmcl.tune import ContinualASHA
+
+    kw = dict(time_attr="task", metric="objective", mode="max", max_t=3, grace_period=1, reduction_factor=2)
+    sched = ContinualASHA(out_dir=str(tmp_path), stage="s", **kw) if scheduler == "ours" else AsyncHyperBandScheduler(**kw)
+    at_start = pickle.dumps(sched)  # what Tune writes to tuner.pkl before the first trial
+    trials = {tid: Trial("t", trial_id=tid, stub=True) for tid in ("a", "b", "c", "d", "e")}
+
+    def result(tid, task, value):
+        return sched.on_trial_result(None, trials[tid], {"task": task, "objective": value})
+
+    for tid in "abcd":
+        sched.on_trial_add(None, trials[tid])
+    decisions = [result(t, 1, v) for t, v in zip("abcd", (90.0, 80.0, 70.0, 60.0))]
+    assert decisions == [TrialScheduler.CONTINUE, TrialScheduler.STOP, TrialScheduler.STOP, TrialScheduler.STOP]
+    # The driver dies here; `mmcl resume` restores the scheduler from tuner.pkl and re-adds
+    # the experiment's trials, b as if its stop had not reached the experiment state.
+    sched = pickle.loads(at_start)
+    for tid in "abcde":
+        sched.on_trial_add(None, trials[tid])
+    # e scores 72 after task 1: below the rung's median (75) of a..d.
+    if scheduler == "stock":
+        assert result("e", 1, 72.0) == TrialScheduler.CONTINUE  # the bug: the rung is empty
+        assert result("b", 2, 80.0) == TrialScheduler.CONTINUE
+        return
+    assert result("e", 1, 72.0) == TrialScheduler.STOP
+    assert result("b", 2, 80.0) == TrialScheduler.STOP
+    rung_1 = [rec for m, rec in sched._brackets[0]._rungs if m == 1][0]
+    assert rung_1 == {"a": 90.0, "b": 80.0, "c": 70.0, "d": 60.0, "e": 72.0}
+    # A new stage (not a restore) of the same name starts from empty rungs.
+    fresh = ContinualASHA(out_dir=str(tmp_path), stage="s", **kw)
+    fresh.on_trial_add(None, trials["e"])
+    assert fresh.on_trial_result(None, trials["e"], {"task": 1, "objective": 10.0}) == TrialScheduler.CONTINUE
+
+
+def test_restored_asha_refuses_the_state_of_other_settings(tmp_path):
+    import pickle
+
+    from ray.tune.experiment import Trial
+
+    from mmcl.tune import ContinualASHA
+
+    kw = dict(time_attr="task", metric="objective", mode="max", grace_period=1, reduction_factor=2)
+    ContinualASHA(out_dir=str(tmp_path), stage="s", max_t=6, **kw)
+    other = pickle.loads(pickle.dumps(ContinualASHA(out_dir=str(tmp_path / "x"), stage="s", max_t=3, **kw)))
+    other._out_dir = str(tmp_path)
+    with pytest.raises(RuntimeError, match=r"asha/s.json: ASHA state of another scheduler"):
+        other.on_trial_add(None, Trial("t", trial_id="a", stub=True))
+
+
 def test_search_stage_with_asha_on_ray(ray_cluster, tmp_path):
     """Sequential trials with a fixed sampler seed: deterministic, and ASHA stops some."""
     study = tiny_study(
