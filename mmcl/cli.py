@@ -157,6 +157,35 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """``mmcl cache build STUDY``: decode the study's images now (as ``mmcl run`` would
+    before its first trial); ``mmcl cache info``: list the entries of a cache folder."""
+    from mmcl.data import image_cache
+
+    if args.action == "build":
+        if not args.study:
+            raise SpecError("mmcl cache build: name the study whose images to decode (mmcl cache build STUDY.yaml)")
+        from mmcl.backbones import ensure_pretrained
+        from mmcl.study import build_image_caches, check_study_data
+
+        study = _load(args.study, args.smoke)
+        check_study_data(study)
+        b = study.run.backbone
+        if b.kind == "open_clip" and b.pretrained == "synthetic" and not b.checkpoint:
+            ensure_pretrained(b)  # the cache keys follow the backbone's own transform
+        built = build_image_caches(study)
+        print("\n".join(built) if built else f"{args.study}: no benchmark of this study uses the image cache")
+        return 0
+    root = image_cache.cache_root(args.dir)
+    rows = image_cache.describe(root)
+    total = sum(r["bytes"] for r in rows)
+    print(f"image cache {root}: {len(rows)} entr{'y' if len(rows) == 1 else 'ies'}, {total / 2**30:.2f} GiB")
+    for r in rows:
+        print(f"  {r['key']}  {r['what']}: {r['images']} images at {r['size']} px, "
+              f"{r['bytes'] / 2**20:.1f} MiB, built in {r['built_s']} s")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmcl", description="Hyperparameter and ablation studies for continual learning")
     sub = p.add_subparsers(dest="command", required=True)
@@ -190,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="print the paper tables of a results directory")
     rp.add_argument("dir", help="results directory or URI")
     rp.set_defaults(fn=cmd_report)
+    ca = sub.add_parser("cache", help="the node's pre-decoded image cache: build it for a study ahead of time, or list it")
+    ca.add_argument("action", choices=["build", "info"])
+    ca.add_argument("study", nargs="?", help="build: the study YAML whose images to decode")
+    ca.add_argument("--smoke", action="store_true", help="build: for the --smoke version of the study")
+    ca.add_argument("--dir", help="the cache folder (default <$MMCL_CACHE or ~/.cache/mmcl>/images)")
+    ca.set_defaults(fn=cmd_cache)
     return p
 
 

@@ -547,6 +547,28 @@ def check_study_data(study: StudySpec) -> None:
         resolve_model_dir(b)
 
 
+def build_image_caches(study: StudySpec) -> list[str]:
+    """Decode every image the study's trials read into this node's image cache
+    (:mod:`mmcl.data.image_cache`), once, with a progress bar: the benchmarks that use it
+    with the backbone's own transform (so the keys are the trials' keys). Returns what
+    was built or found, one line per benchmark. Nothing for other benchmarks."""
+    from mmcl.data import build_benchmark, uses_image_cache
+
+    needs = [(spec, names) for spec, names in study_data_needs(study) if uses_image_cache(spec)]
+    if not needs or study.run.backbone.kind != "open_clip":
+        return []
+    from mmcl.backbones import load_backbone
+
+    backbone = load_backbone(study.run.backbone, "cpu")
+    done = []
+    for spec, names in needs:
+        full = spec.model_copy(update={"order": list(names), "num_tasks": None})
+        bench = build_benchmark(full, image_size=backbone.image_size, preprocess=backbone.preprocess)
+        n = sum(len(t.train) + len(t.test) for t in bench.tasks)
+        done.append(f"{spec.name}: {len(names)} task(s), {n} images at {backbone.image_size} px")
+    return done
+
+
 def preflight(study: StudySpec) -> None:
     """Work done once before any trial: pretrained weights cached (the data were checked
     at the start of :func:`run_study`)."""
@@ -568,6 +590,9 @@ def preflight(study: StudySpec) -> None:
                 raise SpecError(f"{key}.checkpoint: no such file {c.checkpoint}")
         elif c.pretrained == "synthetic":
             ensure_pretrained(BackboneSpec(model=c.model, pretrained="synthetic", cache_dir=b.cache_dir))
+    # Image benchmarks: decoded once on this node before the first trial (other nodes'
+    # first trials build their own, node-local copy).
+    build_image_caches(study)
     if b.kind == "paired":
         # Load the encoders once (a missing AST directory fails here, before any trial);
         # building the benchmark with their preprocess fills any decoded-clip store.

@@ -267,13 +267,21 @@ def _build(backbone, root: Path, **options) -> list:
     return build_benchmark(spec, image_size=backbone.image_size, preprocess=backbone.preprocess).tasks
 
 
+def _model_input(image: torch.Tensor, backbone) -> torch.Tensor:
+    """What the image tower computes on: cached uint8 pixels finished as its pre-hook does."""
+    from mmcl.data.image_cache import split_transform
+
+    return split_transform(backbone.preprocess).tensor(image[None])[0]
+
+
 def _check_samples(task, backbone, positions=(0, -1)) -> None:
     mean, std = _norm(backbone)
     for ds in (task.train, task.test):
         for p in positions:
             s = ds[p % len(ds)]
             assert s["image"].shape == (3, backbone.image_size, backbone.image_size)
-            assert s["image"].dtype == torch.float32
+            assert s["image"].dtype == torch.uint8  # from the image cache (the default)
+            s["image"] = _model_input(s["image"], backbone)
             assert isinstance(s["label"], int) and 0 <= s["label"] < task.num_classes
             if task.name == "MNIST":
                 grey = float((s["image"] * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).mean())

@@ -77,6 +77,14 @@ class ClipBackbone(nn.Module):
         self._token_cache: dict[tuple, torch.Tensor] = {}
         self._text_params: list[nn.Parameter] = []
         self.index_parameters()
+        # Images from the image cache arrive as uint8 pixels (mmcl/data/image_cache.py):
+        # the image tower finishes them (/ 255, mean / std) on its own device, per batch,
+        # whichever method calls it.
+        from mmcl.data.image_cache import split_transform
+
+        split = split_transform(preprocess)
+        if split is not None:
+            model.visual.register_forward_pre_hook(split.tensor.pre_hook)
 
     # ------------------------------------------------------------------ state
     def freeze(self) -> "ClipBackbone":

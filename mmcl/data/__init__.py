@@ -159,6 +159,16 @@ def benchmark_is_paired(name: str) -> bool:
     return _entry(BenchmarkSpec(name=name)).takes_preprocess
 
 
+def uses_image_cache(spec: BenchmarkSpec) -> bool:
+    """Whether ``spec``'s benchmark serves its images from the image cache
+    (:mod:`mmcl.data.image_cache`): it has an ``image_cache`` option and it is on."""
+    entry = _entry(spec)
+    model = entry.options_model
+    if model is None or "image_cache" not in model.model_fields:
+        return False
+    return bool(model.model_validate(spec.options).image_cache)
+
+
 def check_backbone_fits(spec: BenchmarkSpec, backbone_kind: str) -> None:
     """A paired benchmark needs per-modality encoders; an image benchmark a CLIP."""
     paired = benchmark_is_paired(spec.name)

@@ -7,6 +7,9 @@ audio) can add keys without changing the engine:
 
     {"image": FloatTensor[3, H, W] (already preprocessed), "label": int}
 
+or, from the image cache (:mod:`mmcl.data.image_cache`), ``"image"`` a ByteTensor of the
+resized, cropped pixels, which the backbone's image tower normalises on its device.
+
 Tasks whose targets are text (captioning, open-ended VQA; ``metric`` ``cider`` or
 ``vqa_acc``) have no classes; their samples are
 

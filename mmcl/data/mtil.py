@@ -33,6 +33,7 @@ in the ZSCL layout and per class (:func:`split_per_class`) in the CoOp layout by
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import random
 from dataclasses import dataclass, field
@@ -80,6 +81,12 @@ class MtilOptions(BaseModel):
     # matrices were measured on), per_class in the coop layout (DIKI's 20% validation).
     split_rule: Literal["auto", "per_class", "zscl"] = "auto"
     split_seed: int = 42
+    # Decode each image once into the node's image cache (mmcl/data/image_cache.py) and
+    # serve uint8 pixels that the backbone normalises per batch on its device; false
+    # decodes every image in every epoch as before. Same inputs either way.
+    image_cache: bool = True
+    # Where the cache lives (default <$MMCL_CACHE or ~/.cache/mmcl>/images): a node-local disk.
+    cache_dir: str | None = None
 
 
 def task_names(options: dict[str, Any]) -> list[str]:
@@ -139,12 +146,15 @@ class Source:
 
 
 class MtilDataset:
-    """Samples ``indices`` of a source: ``{"image": preprocess(PIL image), "label": int}``."""
+    """Samples ``indices`` of a source: ``{"image": preprocess(PIL image), "label": int}``;
+    with ``pixels`` (:mod:`mmcl.data.image_cache`) the image is the cached uint8 tensor
+    that the backbone's image tower normalises."""
 
-    def __init__(self, source: Source, indices: list[int], preprocess: Callable[[Any], Any]):
+    def __init__(self, source: Source, indices: list[int], preprocess: Callable[[Any], Any], pixels: Any = None):
         self.source = source
         self.indices = list(indices)
         self.preprocess = preprocess
+        self.pixels = pixels
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -159,7 +169,12 @@ class MtilDataset:
 
     def __getitem__(self, i: int) -> dict:
         j = self.indices[i]
-        return {"image": self.preprocess(self.source.load(j)), "label": int(self.source.labels[j])}
+        image = self.pixels[i] if self.pixels is not None else self.preprocess(self.source.load(j))
+        return {"image": image, "label": int(self.source.labels[j])}
+
+    def load(self, i: int) -> Any:
+        """Sample i's image as read (PIL), before any transform (the cache builds from it)."""
+        return self.source.load(self.indices[i])
 
 
 def split_per_class(labels: list[int], keys: list[str], seed: int, task: str) -> tuple[list[int], list[int]]:
@@ -646,6 +661,47 @@ def _read(task: str, layout: str, root: Path, opts: MtilOptions) -> tuple[Source
     return _coop_json(root, task)
 
 
+def _sample_file(load: Callable[[int], Any], j: int) -> str | None:
+    """The file sample j of a source is read from, when the source is a list of files."""
+    while isinstance(load, _Subset):
+        load, j = load.load, load.idx[j]
+    return load.paths[j] if isinstance(load, _Paths) else None
+
+
+def _attach_cache(ds: MtilDataset, task: str, split: str, layout: str, root: Path, opts: MtilOptions) -> None:
+    """Serve ``ds`` from the image cache (built here on first use) when its transform
+    splits into pixel and tensor steps; otherwise leave it decoding (logged once)."""
+    import hashlib
+    import logging
+
+    from mmcl.data import image_cache
+
+    pixels = image_cache.split_transform(ds.preprocess)
+    if pixels is None:
+        logging.getLogger(__name__).info("MTIL %s: transform %r has steps the image cache does not freeze; "
+                                         "images are decoded per sample", task, ds.preprocess)  # fmt: skip
+        return
+    files = [_sample_file(ds.source.load, j) for j in ds.indices]
+    h = hashlib.sha256()
+    if all(f is not None for f in files):
+        # The files themselves: a copied-over or re-encoded image has another size / mtime.
+        for f in files:
+            st = os.stat(f)
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    else:
+        # Arrays and torchvision readers: the dataset's own files (archives, pickles, folders).
+        lay = LAYOUTS[layout][task]
+        for rel in [*lay.required, *(p for alt in lay.alternatives for p in alt)]:
+            if (root / rel).exists():
+                st = (root / rel).stat()
+                h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    h.update("\n".join(ds.keys).encode())
+    identity = {"benchmark": "mtil", "task": task, "split": split, "layout": layout, "root": str(root),
+                "n": len(ds), "samples": h.hexdigest()}  # fmt: skip
+    ds.pixels = image_cache.open_or_build(image_cache.cache_root(opts.cache_dir), identity, ds.load, len(ds),
+                                          pixels, f"MTIL {task} {split}")  # fmt: skip
+
+
 def build_mtil(
     options: dict,
     image_size: int,
@@ -687,6 +743,9 @@ def build_mtil(
             train_idx = few_shot(train_src.labels, train_src.keys, train_idx, opts.shots, opts.shots_seed, name)
         train = MtilDataset(train_src, train_idx, transform)
         test = MtilDataset(test_src, list(range(len(test_src.labels))), transform)
+        if opts.image_cache:
+            for split_name, ds in (("train", train), ("test", test)):
+                _attach_cache(ds, name, split_name, layout, base, opts)
         built.append(
             Task(
                 name=name,

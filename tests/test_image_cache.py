@@ -1,0 +1,199 @@
+"""The pre-decoded image cache (mmcl/data/image_cache.py) on the fake MTIL trees of
+tests/test_mtil_data.py: same model inputs as the JPEG path, built once, keyed by what
+changes the pixels, whole or absent, and waits that end."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmcl.data import build_benchmark, clear_cache
+from mmcl.data import image_cache as ic
+from mmcl.data.base import collate
+from mmcl.spec import BackboneSpec, BenchmarkSpec
+
+from .test_mtil_data import make_coop, make_zscl
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    from mmcl.backbones.clip import load_backbone
+
+    torch.manual_seed(0)
+    return load_backbone(BackboneSpec(pretrained=None))
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory) -> dict[str, Path]:
+    return {"zscl": make_zscl(tmp_path_factory.mktemp("zscl")), "coop": make_coop(tmp_path_factory.mktemp("coop"))}
+
+
+def _tasks(backbone, root: Path, cache_dir: Path | None, preprocess=None, **options):
+    clear_cache()
+    opts = {**options, "image_cache": cache_dir is not None}
+    if cache_dir is not None:
+        opts["cache_dir"] = str(cache_dir)
+    spec = BenchmarkSpec(name="mtil", root=str(root), options=opts)
+    return build_benchmark(spec, image_size=backbone.image_size, preprocess=preprocess or backbone.preprocess).tasks
+
+
+def _batch(ds) -> torch.Tensor:
+    return collate([ds[i] for i in range(len(ds))])["image"]
+
+
+@pytest.mark.parametrize("layout", ["zscl", "coop"])
+def test_cached_batches_are_the_jpeg_batches_for_every_mtil_dataset(backbone, roots, tmp_path, layout):
+    cached = _tasks(backbone, roots[layout], tmp_path / "cache", layout=layout)
+    decoded = _tasks(backbone, roots[layout], None, layout=layout)
+    finish = ic.split_transform(backbone.preprocess).tensor
+    assert [t.name for t in cached] == [t.name for t in decoded] and len(cached) == 11
+    for c, d in zip(cached, decoded):
+        for split in ("train", "test"):
+            u8, ref = _batch(getattr(c, split)), _batch(getattr(d, split))
+            assert u8.dtype == torch.uint8 and ref.dtype == torch.float32
+            # Bit-identical: ToTensor's / 255 and Normalize's (x - mean) / std, same order.
+            assert torch.equal(finish(u8), ref), (c.name, split, (finish(u8) - ref).abs().max())
+    # The backbone's image tower finishes uint8 pixels itself, whichever method calls it.
+    u8, ref = _batch(cached[0].test), _batch(decoded[0].test)
+    with torch.no_grad():
+        assert torch.equal(backbone.encode_image(u8), backbone.encode_image(ref))
+    # 22 entries (11 datasets x train / test), no temporary folder or stray file left.
+    entries = ic.describe(tmp_path / "cache")
+    assert len(entries) == 22 and {e["size"] for e in entries} == {backbone.image_size}
+    assert not list((tmp_path / "cache").glob("*.tmp-*"))
+
+
+def test_built_once_and_reused_by_another_process(backbone, roots, tmp_path):
+    cache = tmp_path / "cache"
+    _tasks(backbone, roots["coop"], cache, layout="coop", order="I")
+    metas = {p: p.stat().st_mtime_ns for p in cache.glob("*/meta.json")}
+    assert len(metas) == 22
+    # Another process (a trial) with the same data and transform: found, nothing decoded.
+    code = (
+        "import sys, torch; from mmcl.backbones.clip import load_backbone; from mmcl.spec import BackboneSpec, BenchmarkSpec;"
+        "from mmcl.data import build_benchmark; b = load_backbone(BackboneSpec(pretrained=None));"
+        f"s = BenchmarkSpec(name='mtil', root={str(roots['coop'])!r}, options={{'layout': 'coop', 'cache_dir': {str(cache)!r}}});"
+        "t = build_benchmark(s, image_size=b.image_size, preprocess=b.preprocess).tasks;"
+        "print(type(t[0].train.pixels).__name__, t[0].train[0]['image'].dtype)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["CachedPixels", "torch.uint8"]
+    assert "decoding" not in r.stderr
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*/meta.json")} == metas
+
+
+def test_the_key_follows_what_changes_the_pixels(backbone, roots, tmp_path):
+    import shutil
+
+    from mmcl.data.mtil import default_preprocess
+
+    root = tmp_path / "data"
+    shutil.copytree(roots["coop"], root)
+    cache = tmp_path / "cache"
+    _tasks(backbone, root, cache, layout="coop")
+    first = {e["key"] for e in ic.describe(cache)}
+    # Another crop size: every entry anew.
+    _tasks(backbone, root, cache, preprocess=default_preprocess(backbone.image_size + 8), layout="coop")
+    second = {e["key"] for e in ic.describe(cache)} - first
+    assert len(second) == 22
+    # One image re-encoded in place: only the entry holding it is rebuilt.
+    split = json.loads((root / "dtd" / "split_zhou_DescribableTextures.json").read_text())
+    img = root / "dtd" / "images" / split["test"][0][0]
+    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
+    _tasks(backbone, root, cache, layout="coop")
+    third = {e["key"]: e["what"] for e in ic.describe(cache) if e["key"] not in first | second}
+    assert list(third.values()) == ["MTIL DTD test"]
+
+
+def test_a_failed_build_leaves_nothing_and_the_next_one_builds(backbone, tmp_path):
+    split = ic.split_transform(backbone.preprocess)
+    from PIL import Image
+
+    def load(i: int):
+        if i == 5:
+            raise OSError("truncated file")
+        return Image.new("RGB", (40, 30), (i, 2 * i, 3 * i))
+
+    identity = {"test": "failing"}
+    with pytest.raises(OSError, match="truncated"):
+        ic.open_or_build(tmp_path, identity, load, 10, split, "fake", workers=0)
+    assert ic.describe(tmp_path) == [] and not list(tmp_path.glob("*.tmp-*"))
+    good = ic.open_or_build(tmp_path, identity, lambda i: Image.new("RGB", (40, 30), (i, 0, 0)), 10, split, "fake", workers=0)
+    assert len(ic.describe(tmp_path)) == 1 and good[3].shape == (3, split.size, split.size)
+    assert int(good[3][0, 0, 0]) == 3
+
+
+def test_a_waiter_gives_up_on_a_stalled_builder_naming_the_lock(backbone, tmp_path, monkeypatch):
+    split = ic.split_transform(backbone.preprocess)
+    identity = {"test": "stalled"}
+    key = ic.entry_key(identity, split)
+    monkeypatch.setattr(ic, "STALL_S", 2.0)
+    with open(tmp_path / f"{key}.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a builder that never progresses
+        with pytest.raises(TimeoutError, match=rf"{key}\.lock for 2 s without progress"):
+            ic.open_or_build(tmp_path, identity, lambda i: None, 4, split, "fake", workers=0)
+
+
+def test_transforms_the_cache_cannot_freeze_are_decoded_as_before(backbone, roots, tmp_path):
+    from torchvision import transforms as T
+
+    norm = next(t for t in backbone.preprocess.transforms if isinstance(t, T.Normalize))
+    size = backbone.image_size
+    augmented = T.Compose([T.RandomResizedCrop(size), T.ToTensor(), norm])
+    assert ic.split_transform(augmented) is None
+    tasks = _tasks(backbone, roots["coop"], tmp_path / "cache", preprocess=augmented, layout="coop", order="I")
+    assert tasks[0].train.pixels is None and tasks[0].train[0]["image"].dtype == torch.float32
+    assert ic.describe(tmp_path / "cache") == []
+
+
+def test_cli_builds_a_study_ahead_and_lists_the_cache(roots, tmp_path):
+    import yaml
+
+    from .conftest import mmcl_cmd
+
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({
+        "name": "c",
+        "run": {"device": "cpu", "backbone": {"model": "mmcl-tiny-clip", "pretrained": None},
+                "benchmark": {"name": "mtil", "root": str(roots["coop"]), "order": ["DTD", "EuroSAT"],
+                              "options": {"layout": "coop", "cache_dir": str(tmp_path / "cache")}}},
+        "stages": [{"name": "a", "kind": "ablation", "variants": ["full"]}],
+    }))  # fmt: skip
+    r = subprocess.run(mmcl_cmd("cache", "build", str(study)), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "mtil: 2 task(s)" in r.stdout and "decoding MTIL DTD train once" in r.stderr
+    r = subprocess.run(mmcl_cmd("cache", "info", "--dir", str(tmp_path / "cache")), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "4 entries" in r.stdout and "MTIL EuroSAT test" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("method,workers", [("er", 0), ("lwf", 2)])
+def test_a_continual_run_is_the_same_with_and_without_the_cache(roots, tmp_path, method, workers):
+    """Training (replayed samples included), evaluation and the zero-shot row: the same
+    numbers from cached pixels as from decoded JPEGs, with or without loader workers."""
+    from mmcl.engine import run_continual
+    from mmcl.spec import RunSpec
+
+    def run(cache: bool):
+        clear_cache()
+        spec = RunSpec.model_validate({
+            "seed": 0, "device": "cpu", "torch_threads": 1, "data_workers": workers,
+            "backbone": {"model": "mmcl-tiny-clip", "pretrained": None},
+            "benchmark": {"name": "mtil", "root": str(roots["coop"]), "order": ["DTD", "EuroSAT", "Flowers"],
+                          "options": {"layout": "coop", "image_cache": cache, "cache_dir": str(tmp_path / "cache")}},
+            "method": {"name": method, "config": {"buffer_size": 8} if method == "er" else {}},
+            "training": {"batch_size": 4, "max_steps": 3, "lr": 1e-3},
+            "evaluation": {"batch_size": 16},
+        })  # fmt: skip
+        return run_continual(spec)
+
+    cached, decoded = run(True), run(False)
+    assert ic.describe(tmp_path / "cache"), "the cached run did not use the cache"
+    assert torch.equal(torch.as_tensor(cached.matrix), torch.as_tensor(decoded.matrix)), (cached.matrix, decoded.matrix)
