@@ -71,7 +71,9 @@ def main() -> None:
         root = str(write_caltech(Path(tmp.name), args.per_class, (w, h)))
     # The eval transform open_clip gives a CLIP of this input size (what trials use).
     preprocess = open_clip.image_transform(args.image_size, is_train=False)
-    task = build_mtil({"layout": "zscl"}, args.image_size, 0, root=root, preprocess=preprocess, tasks=["Caltech101"]).tasks[0]
+    # The JPEG path (benchmarks/data_path.py compares it with the image cache).
+    task = build_mtil({"layout": "zscl", "image_cache": False}, args.image_size, 0, root=root, preprocess=preprocess,
+                      tasks=["Caltech101"]).tasks[0]  # fmt: skip
     need = args.batch * (args.batches + 1)
     if len(task.train) < need:
         raise SystemExit(f"{len(task.train)} training images < {need} needed; raise --per-class")
