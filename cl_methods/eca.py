@@ -266,6 +266,8 @@ class ECA(Method):
     # ------------------------------------------------------------------ model I/O
     def _pixels(self, batch: dict) -> torch.Tensor:
         images = batch["pixel_values"] if "pixel_values" in batch else batch["image"]
+        if images.dtype == torch.uint8:  # cached pixels: the backbone finishes them on its device
+            return self.backbone._pixels(images)
         return images.to(next(self.model.vision_model.parameters()).dtype)
 
     def lm_loss(self, batch: dict) -> torch.Tensor:

@@ -554,18 +554,27 @@ def build_image_caches(study: StudySpec) -> list[str]:
     was built or found, one line per benchmark. Nothing for other benchmarks."""
     from mmcl.data import build_benchmark, uses_image_cache
 
+    b = study.run.backbone
     needs = [(spec, names) for spec, names in study_data_needs(study) if uses_image_cache(spec)]
-    if not needs or study.run.backbone.kind != "open_clip":
+    if not needs or b.kind == "paired":
         return []
-    from mmcl.backbones import load_backbone
+    if b.kind in ("blip2", "llava"):
+        # The transform from the model's config files: no 3-7B weights loaded in the driver.
+        from mmcl.backbones.vlm import image_transform
 
-    backbone = load_backbone(study.run.backbone, "cpu")
+        preprocess = image_transform(b)
+        size = preprocess.size
+    else:
+        from mmcl.backbones import load_backbone
+
+        backbone = load_backbone(b, "cpu")
+        preprocess, size = backbone.preprocess, backbone.image_size
     done = []
     for spec, names in needs:
         full = spec.model_copy(update={"order": list(names), "num_tasks": None})
-        bench = build_benchmark(full, image_size=backbone.image_size, preprocess=backbone.preprocess)
+        bench = build_benchmark(full, image_size=size, preprocess=preprocess)
         n = sum(len(t.train) + len(t.test) for t in bench.tasks)
-        done.append(f"{spec.name}: {len(names)} task(s), {n} images at {backbone.image_size} px")
+        done.append(f"{spec.name}: {len(names)} task(s), {n} samples at {size} px")
     return done
 
 
@@ -581,6 +590,7 @@ def preflight(study: StudySpec) -> None:
         from mmcl.backbones.vlm import resolve_model_dir
 
         resolve_model_dir(b)  # a missing directory / uncached hub id fails before any trial
+        build_image_caches(study)  # COCO / VQAv2 images, decoded once on this node
         return
     clips = [(f"run.backbone.encoders.{m}", e) for m, e in b.encoders.items() if e.kind == "open_clip_vision"] \
         if b.kind == "paired" else [("run.backbone", b)]

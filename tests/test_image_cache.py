@@ -197,3 +197,74 @@ def test_a_continual_run_is_the_same_with_and_without_the_cache(roots, tmp_path,
     cached, decoded = run(True), run(False)
     assert ic.describe(tmp_path / "cache"), "the cached run did not use the cache"
     assert torch.equal(torch.as_tensor(cached.matrix), torch.as_tensor(decoded.matrix)), (cached.matrix, decoded.matrix)
+
+
+@pytest.fixture()
+def coco_root(tmp_path):
+    from .test_gen_data import TEST, TRAIN, _write_split, _write_vqa
+
+    root = tmp_path / "coco"
+    _write_split(root, "train", TRAIN, {i: [f"caption {k} of image {i}" for k in range(2)] for i in TRAIN})
+    _write_split(root, "val", TEST, {i: [f"caption {k} of test image {i}" for k in range(5)] for i in TEST})
+    ten = lambda a: [a] * 10  # noqa: E731
+    _write_vqa(root, "train", [(100, 1, "what is it?", "what is", ten("dog")), (101, 1, "how many?", "how many", ten("2")),
+                               (102, 2, "what is it?", "what is", ten("car")), (103, 3, "what is it?", "what is", ten("banana"))])
+    _write_vqa(root, "val", [(200, 11, "what is it?", "what is", ten("dog")), (201, 12, "what is it?", "what is", ten("car")),
+                             (202, 13, "what is it?", "what is", ten("banana"))])  # fmt: skip
+    return root
+
+
+@pytest.mark.parametrize("name", ["coco_caption", "vqav2"])
+def test_cached_coco_and_vqav2_batches_are_the_decoded_ones(coco_root, tmp_path, name):
+    from mmcl.backbones.vlm import OPENAI_MEAN, OPENAI_STD, ImageTransform
+
+    from .test_gen_data import GROUPS
+
+    transform = ImageTransform(32, OPENAI_MEAN, OPENAI_STD)
+
+    def tasks(cache: bool):
+        clear_cache()
+        opts = {"groups": GROUPS, "image_cache": cache, "cache_dir": str(tmp_path / "cache")}
+        return build_benchmark(BenchmarkSpec(name=name, root=str(coco_root), options=opts), image_size=32,
+                               preprocess=transform).tasks  # fmt: skip
+
+    finish = transform.pixel_split().tensor
+    cached, decoded = tasks(True), tasks(False)
+    for c, d in zip(cached, decoded):
+        for split in ("train", "test"):
+            u8, ref = _batch(getattr(c, split)), _batch(getattr(d, split))
+            assert u8.dtype == torch.uint8 and torch.equal(finish(u8), ref), (name, c.name, split)
+    # Each image once, however many captions / questions it has (image 1: two of each).
+    entries = ic.describe(tmp_path / "cache")
+    by_what = {e["what"]: e["images"] for e in entries}
+    # living train: COCO's images 1 and 5 (two captions each), VQAv2's image 1 (two questions).
+    assert by_what[f"{'COCO' if name == 'coco_caption' else 'VQAv2'} living train"] == (2 if name == "coco_caption" else 1)
+    assert sum(len(getattr(c, s)) for c in cached for s in ("train", "test")) > sum(by_what.values())
+
+
+def test_a_generation_run_is_the_same_with_and_without_the_cache(coco_root):
+    """Tiny BLIP-2 on COCO captions: the backbone finishes cached pixels on its device
+    (VlmBackbone._pixels); losses and CIDEr match the decoded path."""
+    from mmcl.engine import run_continual
+    from mmcl.spec import RunSpec
+
+    from .test_gen_data import GROUPS
+
+    def run(cache: bool):
+        clear_cache()
+        return run_continual(RunSpec.model_validate({
+            "device": "cpu", "torch_threads": 1,
+            "backbone": {"kind": "blip2", "path": "mmcl:tiny"},
+            "benchmark": {"name": "coco_caption", "root": str(coco_root), "num_tasks": 2,
+                          "options": {"groups": GROUPS, "image_cache": cache}},
+            "method": {"name": "gen_adapter", "config": {"params": "lora"}},
+            "training": {"batch_size": 2, "max_steps": 2, "log_every": 1},
+            "evaluation": {"batch_size": 4, "max_new_tokens": 4},
+        }))  # fmt: skip
+
+    # Building the cache (first run) must not change the run either: nothing it does
+    # draws from torch's global generator.
+    building, decoded, found = run(True), run(False), run(True)
+    for other in (decoded, found):
+        assert [c["loss"] for c in building.curves] == [c["loss"] for c in other.curves]
+        assert torch.equal(torch.as_tensor(building.matrix), torch.as_tensor(other.matrix))

@@ -281,15 +281,29 @@ class ImageTransform:
 
     def __call__(self, image) -> torch.Tensor:
         from torchvision.transforms import functional as TF
-        from torchvision.transforms import InterpolationMode
 
-        image = image.convert("RGB")
-        image = TF.resize(image, self.size, interpolation=InterpolationMode.BICUBIC)
-        image = TF.center_crop(image, [self.size, self.size])
-        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        return TF.normalize(TF.to_tensor(self._pixels(image)), self.mean, self.std)
 
     def __repr__(self) -> str:  # the benchmark cache keys on it
         return f"ImageTransform(size={self.size}, mean={self.mean}, std={self.std})"
+
+    def _pixels(self, image):
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        image = TF.resize(image.convert("RGB"), self.size, interpolation=InterpolationMode.BICUBIC)
+        return TF.center_crop(image, [self.size, self.size])
+
+    def pixel_split(self):
+        """The pixel steps (RGB, resize, crop) and the tensor steps (``to_tensor``,
+        ``normalize``: the image cache's :class:`~mmcl.data.image_cache.Uint8Pixels`)."""
+        import PIL
+        import torchvision
+
+        from mmcl.data.image_cache import PixelSplit, Uint8Pixels
+
+        key = f"ImageTransform pixels size={self.size} bicubic|PIL {PIL.__version__}|torchvision {torchvision.__version__}"
+        return PixelSplit(self._pixels, self.size, Uint8Pixels(self.mean, self.std), key)
 
 
 # --------------------------------------------------------------------------- the backbone
@@ -308,6 +322,7 @@ class VlmBackbone(nn.Module):
         vcfg = cfg.vision_config
         self.image_size: int = int(vcfg.image_size)
         self.preprocess = ImageTransform(self.image_size, *image_stats)
+        self._finish_pixels = self.preprocess.pixel_split().tensor
         token = getattr(cfg, "image_token_index", None)
         if token is None:
             token = getattr(cfg, "image_token_id", None)
@@ -433,6 +448,9 @@ class VlmBackbone(nn.Module):
         return {"pixel_values": self._pixels(batch["image"]), **self.build_inputs(batch["prompt"], batch["target"])}
 
     def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            # From the image cache: finished here, on the model's device (mmcl/data/image_cache.py).
+            images = self._finish_pixels(images.to(self.device))
         return images.to(self.device, self.dtype)
 
     # ------------------------------------------------------------------ language modelling
@@ -484,6 +502,15 @@ def _random_model(cls, directory: str, dtype: torch.dtype, device: torch.device,
     config = AutoConfig.from_pretrained(directory, **kw)
     with torch.device(device):
         return cls._from_config(config, dtype=dtype)
+
+
+def image_transform(spec: BackboneSpec) -> ImageTransform:
+    """The transform :func:`load_vlm`'s backbone will have, from the model directory's
+    config files, without loading weights (the image cache is built with it)."""
+    directory = resolve_model_dir(spec)
+    cfg = json.loads((Path(directory) / "config.json").read_text())
+    size = int(cfg["vision_config"]["image_size"])
+    return ImageTransform(size, *_image_stats(directory))
 
 
 def load_vlm(spec: BackboneSpec, device: str | torch.device = "cpu") -> VlmBackbone:

@@ -75,6 +75,10 @@ class _Split(BaseModel):
     # Caps per task (None = all), taken in file order after the split: a fixed subset.
     max_train_per_task: int | None = Field(default=None, ge=1)
     max_test_per_task: int | None = Field(default=None, ge=1)
+    # Decode each image once into the node's image cache (mmcl/data/image_cache.py);
+    # false decodes on every access. Same model inputs either way.
+    image_cache: bool = True
+    cache_dir: str | None = None  # default <$MMCL_CACHE or ~/.cache/mmcl>/images, node-local
 
     @model_validator(mode="after")
     def _groups_disjoint(self):
@@ -239,11 +243,29 @@ class DiskImages:
 
     def __init__(self, paths: list[Path], preprocess: Any, image_size: int):
         self.paths, self.preprocess, self.image_size = paths, preprocess, image_size
+        self.pixels: Any = None  # CachedFiles once attach_cache found the transform splittable
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _transform(self) -> Any:
+        if self.preprocess is None:
+            from mmcl.backbones.vlm import OPENAI_MEAN, OPENAI_STD, ImageTransform
+
+            self.preprocess = ImageTransform(self.image_size, OPENAI_MEAN, OPENAI_STD)
+        return self.preprocess
+
+    def attach_cache(self, opts: "_Split", identity: dict[str, Any], what: str) -> None:
+        """Serve the images from the image cache (uint8 pixels the backbone finishes)."""
+        if not opts.image_cache or not self.paths:
+            return
+        from mmcl.data.image_cache import cached_files
+
+        self.pixels = cached_files(self.paths, self._transform(), opts.cache_dir, what, identity)
+
     def __getitem__(self, i: int):
+        if self.pixels is not None:
+            return self.pixels[i]
         from PIL import Image
 
         path = self.paths[i]
@@ -252,11 +274,7 @@ class DiskImages:
                 img = im.convert("RGB")
         except (OSError, FileNotFoundError) as e:
             raise FileNotFoundError(f"cannot read image {path}: {e}") from None
-        if self.preprocess is None:
-            from mmcl.backbones.vlm import OPENAI_MEAN, OPENAI_STD, ImageTransform
-
-            self.preprocess = ImageTransform(self.image_size, OPENAI_MEAN, OPENAI_STD)
-        return self.preprocess(img)
+        return self._transform()(img)
 
 
 def _cap(items: list, n: int | None) -> list:
@@ -297,6 +315,8 @@ def build_coco_caption(options: dict, image_size: int, seed: int, root=None, pre
                 paths = [base / img_rel / files[i] for i in imgs]
                 ds = TextTaskDataset(DiskImages(paths, preprocess, image_size), [opts.prompt] * len(imgs),
                                      [caps[i][0] for i in imgs], [caps[i] for i in imgs])  # fmt: skip
+            ds.images.attach_cache(opts, {"benchmark": "coco_caption", "task": task, "split": split, "root": str(base)},
+                                   f"COCO {task} {split}")  # fmt: skip
             per_task[task][split] = ds
     out = []
     for task in groups:
@@ -340,9 +360,10 @@ def build_vqav2(options: dict, image_size: int, seed: int, root=None, preprocess
         for task in groups:
             r = _cap(rows.get(task, []), opts.max_train_per_task if split == "train" else opts.max_test_per_task)
             paths = [base / img_rel / opts.image_pattern.format(split=folder, image_id=i) for i, *_ in r]
-            per_task[task][split] = TextTaskDataset(
-                DiskImages(paths, preprocess, image_size), [x[1] for x in r], [x[2] for x in r], [x[3] for x in r]
-            )
+            images = DiskImages(paths, preprocess, image_size)
+            images.attach_cache(opts, {"benchmark": "vqav2", "task": task, "split": split, "root": str(base)},
+                                f"VQAv2 {task} {split}")  # fmt: skip
+            per_task[task][split] = TextTaskDataset(images, [x[1] for x in r], [x[2] for x in r], [x[3] for x in r])
     out = []
     for task in groups:
         tr, te = per_task[task]["train"], per_task[task]["test"]

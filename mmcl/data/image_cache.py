@@ -109,6 +109,8 @@ def split_transform(transform: Any) -> PixelSplit | None:
     else (random augmentation, unknown steps): such a run decodes every image as before."""
     from torchvision import transforms as T
 
+    if hasattr(transform, "pixel_split"):
+        return transform.pixel_split()  # a transform that knows its own split (ImageTransform)
     steps = list(getattr(transform, "transforms", []) or [])
     names = [type(s).__name__ for s in steps]
     if len(steps) < 3 or names[-1] != "Normalize" or not isinstance(steps[-2], T.ToTensor):
@@ -185,7 +187,11 @@ def _decode_all(load: Callable[[int], Any], n: int, split: PixelSplit, out: np.m
                 raise ValueError(f"{what}: image {i} came out {arr.shape}, not {(split.size, split.size, 3)}")
             return i, torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
-    loader = DataLoader(_Decode(), batch_size=64, num_workers=workers, collate_fn=lambda b: b)
+    # Its own generator: a DataLoader draws a base seed when iterated, and from torch's
+    # global generator that would make a run that builds the cache train differently from
+    # one that finds it (dropout, sampling).
+    loader = DataLoader(_Decode(), batch_size=64, num_workers=workers, collate_fn=lambda b: b,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
     with work_bar(n, f"decoding {what} once into the image cache") as bar:
         for batch in loader:
             for i, img in batch:
@@ -267,6 +273,53 @@ def _build(folder: Path, identity: dict, load, n: int, split: PixelSplit, what: 
         os.replace(tmp, folder)  # whole or not at all
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _OpenRGB:
+    """Image i of a list of files, as RGB (picklable, for decoding workers)."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = list(paths)
+
+    def __call__(self, i: int) -> Any:
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as im:
+            return im.convert("RGB")
+
+
+class CachedFiles:
+    """Images of a list of files (repeats allowed) served from one entry of their unique
+    files: ``[i]`` is file ``paths[i]``'s uint8 pixels."""
+
+    def __init__(self, entry: CachedPixels, rows: list[int]):
+        self.entry, self.rows = entry, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.entry[self.rows[i]]
+
+
+def cached_files(paths: Sequence[str | Path], transform: Any, cache_dir: str | None, what: str,
+                 identity: dict[str, Any]) -> CachedFiles | None:  # fmt: skip
+    """The pixels of ``paths`` through ``transform``'s pixel steps, from the cache (built
+    here on first use); None when the transform cannot be split. Each distinct file is
+    stored once (COCO has five captions, VQAv2 several questions per image); the key
+    covers every file's path, size and modification time."""
+    split = split_transform(transform)
+    if split is None:
+        return None
+    unique: dict[str, int] = {}
+    rows = [unique.setdefault(str(p), len(unique)) for p in paths]
+    h = hashlib.sha256()
+    for f in unique:
+        st = os.stat(f)
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    ident = {**identity, "n": len(unique), "files": h.hexdigest()}
+    entry = open_or_build(cache_root(cache_dir), ident, _OpenRGB(list(unique)), len(unique), split, what)
+    return CachedFiles(entry, rows)
 
 
 def describe(root: Path) -> list[dict[str, Any]]:
