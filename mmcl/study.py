@@ -565,10 +565,10 @@ def build_image_caches(study: StudySpec) -> list[str]:
         preprocess = image_transform(b)
         size = preprocess.size
     else:
-        from mmcl.backbones import load_backbone
+        # open_clip's transform from its configs: no CLIP weights read in the driver.
+        from mmcl.backbones.clip import image_transform
 
-        backbone = load_backbone(b, "cpu")
-        preprocess, size = backbone.preprocess, backbone.image_size
+        preprocess, size = image_transform(b)
     done = []
     for spec, names in needs:
         full = spec.model_copy(update={"order": list(names), "num_tasks": None})

@@ -268,3 +268,18 @@ def test_a_generation_run_is_the_same_with_and_without_the_cache(coco_root):
     for other in (decoded, found):
         assert [c["loss"] for c in building.curves] == [c["loss"] for c in other.curves]
         assert torch.equal(torch.as_tensor(building.matrix), torch.as_tensor(other.matrix))
+
+
+def test_the_driver_gets_the_trials_transform_without_weights(backbone):
+    """build_image_caches keys entries with the transform open_clip's configs give, read
+    without weights; it must be the loaded backbone's, or trials would miss the cache."""
+    from mmcl.backbones.clip import image_transform
+
+    t, size = image_transform(BackboneSpec(pretrained=None))
+    assert repr(t) == repr(backbone.preprocess) and size == backbone.image_size
+    split = ic.split_transform(t)
+    assert split is not None and split.key == ic.split_transform(backbone.preprocess).key
+    # A tag's own preprocessing (SigLIP: squash resize, mean 0.5): cached at its size.
+    siglip, size = image_transform(BackboneSpec(model="ViT-B-16-SigLIP", pretrained="webli"))
+    assert size == 224 and ic.split_transform(siglip).size == 224
+    assert ic.split_transform(siglip).tensor.mean == (0.5, 0.5, 0.5)

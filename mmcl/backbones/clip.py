@@ -194,6 +194,32 @@ def unknown_model_error(name: str) -> SpecError:
     )
 
 
+def image_transform(spec: BackboneSpec) -> tuple[Any, int]:
+    """(the eval transform, the input size) :func:`load_backbone` gives ``spec``'s model,
+    from open_clip's configs alone: no weights are read or downloaded (the driver builds
+    the image cache with it, on a head node that may hold no weights). As open_clip's
+    factory: defaults, merged with the pretrained tag's config when ``pretrained`` is a
+    tag of the model (not for a checkpoint file or ``synthetic``), size from the model's
+    vision config."""
+    from dataclasses import asdict
+
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    register_model_configs()
+    if spec.model not in _available_models():
+        raise unknown_model_error(spec.model)
+    cfg = asdict(PreprocessCfg())
+    if not spec.checkpoint and spec.pretrained not in (None, "synthetic"):
+        tag = open_clip.get_pretrained_cfg(spec.model, spec.pretrained)
+        if tag:
+            cfg = merge_preprocess_dict(cfg, tag)
+    size = open_clip.get_model_config(spec.model)["vision_cfg"]["image_size"]
+    cfg["size"] = size
+    image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False), image_size
+
+
 def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu") -> ClipBackbone:
     """Load a frozen CLIP as ``spec`` says (see :class:`mmcl.spec.BackboneSpec`).
 

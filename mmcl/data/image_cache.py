@@ -124,7 +124,10 @@ def split_transform(transform: Any) -> PixelSplit | None:
                 return None
             size = int(h)
         elif isinstance(s, T.Resize):
-            continue
+            if isinstance(s.size, (tuple, list)) and len(s.size) == 2:  # a squash to (h, w)
+                if s.size[0] != s.size[1]:
+                    return None
+                size = int(s.size[0])
         elif not (type(s).__name__ == "MaybeConvertMode" or "convert_to_rgb" in _step_repr(s).lower()):
             return None  # a step that may be random or unknown: do not freeze it
     if size is None:
