@@ -8,6 +8,7 @@ cluster without NFS does. Every process the tests start is stopped by its proces
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -126,10 +127,12 @@ def test_worker_node_lost_mid_stage_resumes_on_a_replacement(cluster, tmp_path):
     driver = subprocess.Popen(mmcl_cmd("run", str(study), "--output", str(out)), env=_driver_env(cluster),
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
-        assert wait_for(lambda: bool(list(out.glob("parts/accuracy/orders/*/step_001.parquet"))), timeout=400,
-                        interval=0.2), (
-            (tmp_path / "driver.log").read_text()[-3000:]
-        )
+        # Kill once the driver has taken a task-1 result (its checkpoint comes with it): a
+        # trial's part file for task 1 is written before it reports, so waiting for the
+        # file alone let the kill land before that checkpoint existed (a CI rehearsal
+        # resumed both trials from task 0).
+        assert wait_for(lambda: re.search(r"  task [1-9]\d*/3  avg", (tmp_path / "driver.log").read_text()) is not None,
+                        timeout=400, interval=0.2), (tmp_path / "driver.log").read_text()[-3000:]  # fmt: skip
         cluster.kill_node(first)
         cluster.add_worker("worker-b")
         rc = driver.wait(timeout=600)
