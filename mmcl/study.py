@@ -254,13 +254,12 @@ def tuning_notes(study: StudySpec) -> dict[str, TuningNote]:
     for i, st in enumerate(study.stages):
         base = getattr(st, "base", "run")
         if isinstance(st, SearchStage) and st.tune_on is not None:
-            full = _task_names(study.run)
-            names = _task_names(tuning_run(st.tune_on, study.run, f"stages[{i}] ({st.name})"))
+            tuned = tuning_run(st.tune_on, study.run, f"stages[{i}] ({st.name})")
+            names = _task_names(tuned)
             if st.tune_on.first_k is not None:
-                data = f"the first {len(names)} of the run's {len(full)} tasks ({', '.join(names)})"
+                data = f"the first {len(names)} of the run's {len(_task_names(study.run))} tasks ({', '.join(names)})"
             else:
-                bench = tuning_run(st.tune_on, study.run, f"stages[{i}] ({st.name})").benchmark.name
-                data = f"benchmark {bench} with tasks {', '.join(names)}"
+                data = f"benchmark {tuned.benchmark.name} with tasks {', '.join(names)}"
             notes[st.name] = TuningNote(data=data)
         elif base in notes:
             notes[st.name] = TuningNote(data=notes[base].data, from_stage=notes[base].from_stage or base)
