@@ -70,6 +70,21 @@ def test_cached_batches_are_the_jpeg_batches_for_every_mtil_dataset(backbone, ro
     assert not list((tmp_path / "cache").glob("*.tmp-*"))
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_loader_takes_cached_batches_whole_and_they_equal_the_per_image_ones(backbone, roots, tmp_path, workers):
+    from mmcl.data.base import make_loader
+
+    ds = _tasks(backbone, roots["zscl"], tmp_path / "cache", layout="zscl")[0].train
+    assert len(ds) > 8
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+    loader = make_loader(ds, 4, workers, torch.device("cpu"), collate_fn=collate, sampler=order)
+    for k, batch in enumerate(loader):
+        ref = collate([ds[i] for i in order[4 * k : 4 * k + 4]])
+        assert batch["image"].dtype == torch.uint8 and torch.equal(batch["image"], ref["image"])
+        assert batch["label"].dtype == ref["label"].dtype and torch.equal(batch["label"], ref["label"])
+    assert k == (len(ds) - 1) // 4
+
+
 def test_built_once_and_reused_by_another_process(backbone, roots, tmp_path):
     cache = tmp_path / "cache"
     _tasks(backbone, roots["coop"], cache, layout="coop", order="I")

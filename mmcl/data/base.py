@@ -108,9 +108,12 @@ def collate(samples: list[dict]) -> dict:
     """torch's ``default_collate`` for tensors and numbers; strings become a list and
     lists of strings (references) a list of lists. ``default_collate`` would transpose
     reference lists and fail on unequal lengths. Classification batches come out exactly
-    as ``default_collate`` makes them."""
+    as ``default_collate`` makes them. A batch a dataset's ``__getitems__`` assembled
+    itself (a dict, e.g. from the image cache) passes unchanged."""
     from torch.utils.data import default_collate
 
+    if isinstance(samples, dict):
+        return samples
     out: dict = {}
     for key in samples[0]:
         values = [s[key] for s in samples]

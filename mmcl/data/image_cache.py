@@ -166,10 +166,29 @@ class CachedPixels:
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def _map(self) -> np.memmap:
         if self._array is None:
             self._array = np.memmap(self.folder / PIXELS, dtype=np.uint8, mode="r", shape=(self.n, 3, self.size, self.size))
-        return torch.from_numpy(np.array(self._array[i]))  # a copy: the map is read-only
+        return self._array
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self._map()[i]))  # a copy: the map is read-only
+
+    def take(self, rows: Sequence[int]) -> torch.Tensor:
+        """Images ``rows`` as one uint8 batch ``[len(rows), 3, S, S]``: a single gather from
+        the map, not one copy per image and another to stack them (128 images at 224 px on
+        one core here: 1.4 ms against 10.5 + 9.9 ms).
+        In a DataLoader worker the batch is made in shared memory, where the worker's
+        queue would otherwise copy it again to hand it to the main process."""
+        from torch.utils.data import get_worker_info
+
+        out = torch.empty((len(rows), 3, self.size, self.size), dtype=torch.uint8)
+        if get_worker_info() is not None:
+            out.share_memory_()
+        pixels, dst = self._map(), out.numpy()
+        for k, i in enumerate(rows):  # row copies: as fast as fancy indexing, and in place
+            dst[k] = pixels[i]  # (np.take(..., out=) was 3x slower here)
+        return out
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_array": None}
