@@ -10,11 +10,12 @@ the task's class prompts through the text tower (every prompt method pays both t
   [3, H, W]; token-embedding space [context, width]) and all weights frozen: the least a
   method that trains inputs of a frozen CLIP can cost per step;
 - DIKI: ``training_loss`` of the second task (residual key/value prompts in both towers);
-- DAGR: the same, plus capture of the image tower's tokens and attention, the current
-  graph and the three graph terms against a stored graph (every lambda on).
+- DAGR: the same, plus capture of the image tower's block outputs and attention and of the
+  text tower's per-block class features, the current cross-modal graph and the three
+  graph terms against the previous task's stored graph (every lambda on, every node old).
 
 Prints ms per step and samples/s for the three, DAGR / floor throughput (target >= 85%)
-and DAGR's slow-down against DIKI (target <= 15%). Weights are random (``pretrained:
+and DAGR's slow-down against DIKI (target <= 25%). Weights are random (``pretrained:
 null``): speed does not depend on them. Rounds alternate between the three so drifting
 machine load hits them alike; medians are reported.
 """
@@ -100,9 +101,10 @@ def main() -> None:
     m = dagr.method
     m.before_task(0, dagr.tasks[0])
     with torch.no_grad():
-        m.centroids = m.fit_nodes(0, [{"image": batch["image"], "label": batch["label"] % dagr.tasks[0].num_classes}])
-        m.store_graph(0, [batch["image"]])
-    m.before_task(1, dagr.tasks[1])
+        first = {"image": batch["image"], "label": batch["label"] % dagr.tasks[0].num_classes}
+        _, text = m.class_text(dagr.tasks[0], 0)
+        m.graphs = [m.build_task_graph(0, [batch["image"]], text, m.fit_nodes(0, 0, [first], text))]
+    m.before_task(1, dagr.tasks[1])  # task 1's nodes, matched with task 0's graph
     graph_bytes = m.graphs[0].nbytes()
 
     # The floor: additive prompts on the inputs of both towers, everything else frozen.
@@ -168,7 +170,7 @@ def main() -> None:
     for k in variants:
         print(f"{k:<8}{ms[k]:10.2f}{sps[k]:12.1f}")
     print(f"DAGR / floor throughput: {100 * sps['dagr'] / sps['floor']:.1f}% (target >= 85%)   "
-          f"DAGR vs DIKI: {100 * (ms['dagr'] / ms['diki'] - 1):+.1f}% step time (target <= +15%)   "
+          f"DAGR vs DIKI: {100 * (ms['dagr'] / ms['diki'] - 1):+.1f}% step time (target <= +25%)   "
           f"DIKI / floor: {100 * sps['diki'] / sps['floor']:.1f}%   [median of {args.repeats} rounds of {args.steps} steps]")
     if dev.type == "cuda":
         print("peak device memory (MiB): " + "  ".join(f"{k} {peaks[k]:.0f}" for k in variants))

@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=None, help="default: the study's")
     ap.add_argument("--variants", nargs="*", default=["no_graph"], help="DAGR ablation variants besides full")
     ap.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning baseline")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="run only these rows (e.g. diki dagr dagr:no_graph), to split the work over processes")
     args = ap.parse_args()
 
     import numpy as np
@@ -73,10 +75,12 @@ def main() -> None:
         ft = apply_overrides(load_study(REPO / "studies" / "quickstart.yaml").run, common)
         cases.append(("finetune", apply_overrides(ft, {"method.name": "finetune", "method.config": {}})))
 
+    if args.only is not None:
+        cases = [(n, r) for n, r in cases if n in args.only]
     keys = ("avg", "last", "bwt", "forgetting")
     print(f"synthetic, domain_mix {options.get('domain_mix', 0.0)}; DIKI / DAGR: prompt_length "
           f"{dagr.method.config['prompt_length']}, {dagr.training.epochs:g} epochs a task")
-    print(f"{'method':<16}" + "".join(f"{k:>8}" for k in ("Avg", "Last", "BWT", "Forget")) + "   BWT per seed   s/run")
+    print(f"{'method':<16}" + "".join(f"{k:>8}" for k in ("Avg", "Last", "BWT", "Forget")) + "   BWT per seed   Avg per seed   s/run")
     for name, run in cases:
         per_seed = []
         for seed in args.seeds:
@@ -85,8 +89,9 @@ def main() -> None:
             per_seed.append((res.metrics, time.perf_counter() - t0))
         mean = {k: float(np.mean([m[k] for m, _ in per_seed])) for k in keys}
         bwts = " ".join(f"{m['bwt']:+.2f}" for m, _ in per_seed)
+        avgs = " ".join(f"{m['avg']:.2f}" for m, _ in per_seed)
         secs = float(np.mean([s for _, s in per_seed]))
-        print(f"{name:<16}" + "".join(f"{mean[k]:8.2f}" for k in keys) + f"   {bwts}   {secs:.0f}", flush=True)
+        print(f"{name:<16}" + "".join(f"{mean[k]:8.2f}" for k in keys) + f"   {bwts}   {avgs}   {secs:.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,63 +5,80 @@ captures per-layer tensors from a prompted CLIP and hands them here. The paper h
 public code; the facts used are in ``shared/design/METHODS.md`` (DAGR section), and
 every choice the paper leaves open is listed below and marked ``[choice]`` in the code.
 
-What the caller provides, per captured layer ``l`` (image tower, ``L`` layers):
+What the caller provides per batch, for the ``L`` regularised layers ``l = 0 .. L-1``:
 
-- ``tokens[l]``: ``[B, N, D]`` the tokens that are the *input* of block ``l`` (the
-  residual stream before it), already projected by the caller into ONE shared ``D``-dim
-  space for all layers. Queries and keys of block ``l`` are both computed from these
-  tokens, so pooling the block's attention with the same assignment on both sides is
-  consistent; the input of block ``l + 1`` is then the output of block ``l``.
-- ``attn[l]``: ``[B, H, N, N]`` pre-softmax attention logits of block ``l`` over exactly
-  those ``N`` tokens, scaled as the model scales them (``q k^T / sqrt(d)``), so that
-  ``beta = 1`` reproduces the model's own attention. Prompt keys are not part of it
-  (DIKI's prompt attention is a separate softmax; the caller may pass it separately
-  as its own graph if wanted).
-- for node fitting, per layer a ``[M, D]`` tensor of per-sample fused features
+- ``tokens[l]``: ``[B, N, D]`` the image tokens that are the *output* of prompted block
+  ``l``, already mapped by the caller into ONE shared ``D``-dim space for all layers (the
+  joint image-text space). [choice] Outputs, not inputs: a block's output is what its own
+  prompts (keys and values) change, so layer ``l``'s graph depends on layer ``l``'s
+  prompts, the first layer's included (a block's input is the previous block's output,
+  which its own prompts never touch).
+- ``attn[l]``: ``[B, H, N, N]`` pre-softmax token-token logits of block ``l`` (scaled as
+  the model scales them, so ``beta = 1`` is the block's own attention), or their per-head
+  softmax as ``probs``; the caller also hands block ``l + 1``'s (see the path edges).
+- ``text[l]``: ``[C, D]`` the current task's class text features at the same depth of the
+  text tower (the class prompts' EOT token after text block ``l``, clipped to the tower's
+  depth, mapped into the same joint space). Optional: without it the graph is image-only
+  (the mechanism tests of the maths use that).
+- for node fitting, per layer a ``[M, D]`` tensor of fused features
   ``alpha * Z_img + (1 - alpha) * Z_txt`` (:func:`fuse`).
 
 The graph of one layer (paper notation in brackets):
 
 - Nodes [V_l = KMeans(alpha Z_img + (1 - alpha) Z_txt, K)]: :func:`kmeans` on the
-  L2-normalised fused features (:func:`fit_nodes`). [choice] Node identity is fixed
-  across tasks by *storing the centroids*: tokens are soft-assigned to the stored
-  centroids, ``S = softmax_K(cos(token, centroid) / temperature)`` ``[B, N, K]``
-  (:func:`soft_assign`). Edges of different tasks and models then index the same nodes
-  and can be compared entry by entry.
-- Intra-layer edges [e_l[i, j] = mean_h softmax_j(beta A_l_h[i, j])]: the head-averaged
-  token attention ``P = mean_h softmax(beta * logits)`` pooled to nodes as
-  ``S^T P S`` summed over the batch, then row-normalised (:func:`node_edges`). Row ``i``
-  is the attention of node ``i``'s tokens spread over the nodes they attend to, weighted
-  by how strongly each token belongs to ``i`` (the lumping of the token Markov chain).
+  L2-normalised fused features (:func:`fit_nodes`), **one node set per task**, fitted on
+  that task's features. Image tokens are soft-assigned to the nodes,
+  ``S = softmax_K(cos(token, centroid) / temperature)`` ``[B, N, K]`` and so are the class
+  text features, ``U`` ``[C, K]`` (:func:`soft_assign`).
+- Node prototypes (for matching): [choice] fused like the nodes,
+  ``alpha * mean_S(normalised tokens) + (1 - alpha) * mean_U(normalised class texts)``
+  (image part only without text).
+- Intra-layer edges [e_l[i, j] = mean_h softmax_j(beta A_l_h[i, j])], two families over
+  the same nodes, each row-normalised, blended ``(1 - cross_weight) E_img + cross_weight
+  E_cross`` [choice, 0.5]:
+  - ``E_img``: the head-averaged token attention ``P = mean_h softmax(beta * logits)`` of
+    block ``l`` pooled to nodes as ``S^T P S`` summed over the batch (:func:`node_edges`).
+    [choice] Both sides assigned by the block's output tokens, position by position (the
+    residual keeps a position's identity through a block): row ``i`` is where the
+    attention of node ``i``'s tokens went, by the node those positions now belong to.
+  - ``E_cross`` (couples the towers): ``S^T Q`` with ``Q[a, j] = softmax_j(cos(token_a,
+    t_j) / temperature)``, ``t_j = mean_U`` of the class text features assigned to node
+    ``j`` at the same depth: how node ``i``'s image tokens align with node ``j``'s text.
+    [choice] Aligned to per-node text vectors, not to every class: the cost is ``B N K``
+    whatever the number of classes (MTIL's SUN397 has 397), and the rows of two tasks
+    with different class sets stay comparable node by node.
   Top-k keeps the ``k`` largest entries of each row and renormalises.
 - Multi-hop [RowNorm(A_l^k), k in {2, 3}]: :func:`multi_hop`.
 - Inter-layer edges [e_{l->l+1}[i, j] = gamma cos(f(v_i^l), v_j^{l+1}) + (1 - gamma) R[i, j]]:
-  [choice] ``f`` is the identity, because the caller maps all layers into one space; the
-  cosine is between the stored centroids of layers ``l`` and ``l + 1``, clamped at 0 so
-  that a row is a non-negative weight vector (``path_similarity="prototypes"`` uses the
-  token prototypes instead, which makes the term depend on the current model).
-  [choice] ``R`` is the attention rollout (Abnar & Zuidema 2020: ``RowNorm(0.5 A + 0.5 I)``,
-  multiplied over layers) at node level, computed *token level then pooled* for the one
-  step between consecutive layers: ``R_l = RowNorm(sum_b S_{l+1}^T Ã_l S_l)`` with
-  ``Ã_l = 0.5 P_l + 0.5 I`` (:func:`layer_flow`; ``Ã_l`` is never materialised). This
-  costs ``B N^2 K`` per layer, no ``N^3`` token-level matrix product; for longer paths
-  the pooled one-step factors multiply like the rollout (:func:`rollout` implements the
-  classic product for any list of square matrices).
+  [choice] ``f`` is the identity, because the caller maps all layers into one space;
+  the cosine is between the node *prototypes* of layers ``l`` and ``l + 1``
+  (``path_similarity="prototypes"``, the default: they move with the prompts and, fused,
+  with the text prompts too; ``"centroids"`` uses the fitted centroids, constant within a
+  task), clamped at 0 so that a row is a non-negative weight vector.
+  [choice] ``R`` is one step of the attention rollout (Abnar & Zuidema 2020:
+  ``RowNorm(0.5 A + 0.5 I)``, multiplied over layers) at node level: block ``l + 1``
+  maps layer ``l``'s tokens (its input) to layer ``l + 1``'s (its output), so
+  ``R_l = RowNorm(sum_b S_{l+1}^T Ã_{l+1} S_l)`` with ``Ã_{l+1} = 0.5 P_{l+1} + 0.5 I``
+  (:func:`layer_flow`; ``Ã`` is never materialised, ``B N^2 K`` per layer, no ``N^3``
+  token-level product; :func:`rollout` implements the classic product for any list of
+  square matrices).
   [choice] Orientation: the inter-layer matrices are stored as the rollout orients them,
   ``T_l`` ``[K_{l+1}, K_l]``, row ``j`` = a layer-``l + 1`` node, a distribution over the
   layer-``l`` nodes its tokens draw from (residual + attention). The paper's
   ``e_{l->l+1}[i, j]`` is its transpose before normalisation; normalising over sources
-  has two advantages: the row sum of ``S_{l+1}^T Ã_l S_l`` is exactly node ``j``'s token
-  mass (rows of ``Ã`` sum to 1), so each row depends only on what node ``j``'s own tokens
-  attend to, and a change in what new-class tokens attend to cannot rescale old rows
-  (up to the exponentially small tails of the soft assignment).
-  The blend is row-normalised and top-k sparsified like the intra-layer edges.
-- Old-class mask [M_l[i, j] = 1 iff the edge belongs to an old-class subgraph]: [choice]
-  each node's prototype is the S-weighted mean of the L2-normalised tokens assigned to it
-  (:func:`prototypes`); node ``i`` is *old* when the cosine of its current prototype to
-  the stored one is ``>= tau`` and it holds at least ``min_mass`` of the tokens in both
-  graphs; ``M[i, j] = old_i * old_j`` (:func:`old_node_mask`, :func:`edge_mask`), and
-  ``M_{l->l+1}[j, i] = old^{l+1}_j * old^l_i``. The mask is a hard threshold: no gradient.
+  makes each row depend only on what node ``j``'s own tokens attend to, so a change in
+  what new-class tokens attend to cannot rescale old rows (up to the exponentially small
+  tails of the soft assignment). The blend is row-normalised and top-k sparsified like
+  the intra-layer edges.
+- Old-class mask [M_l[i, j] = 1 iff the edge belongs to an old-class subgraph]: the
+  current task's nodes are matched one to one with the stored graph's by their prototypes
+  (:func:`match_nodes`: the assignment that maximises the summed cosine, Hungarian,
+  per layer); [choice] node ``i`` is *old* when its match's cosine is ``>= tau`` and it
+  holds at least ``min_mass`` of the tokens in both graphs; ``M[i, j] = old_i * old_j``
+  and ``M_{l->l+1}[j, i] = old^{l+1}_j * old^l_i``. The stored graph is re-indexed by the
+  match (:meth:`TaskGraph.aligned`) so both graphs index the same nodes. The mask is a
+  hard threshold: no gradient. (:func:`old_node_mask` is the same test for two graphs
+  that already share their nodes.)
 
 Losses (:func:`graph_losses`), each row ``i`` a distribution over neighbours:
 
@@ -74,9 +91,8 @@ Losses (:func:`graph_losses`), each row ``i`` a distribution over neighbours:
 - L_edge: per layer, the sum over rows of ``KL(RowNorm(M * E_stored) || RowNorm(M * E_cur))``.
 - L_multi: the same on ``RowNorm((RowNorm(M * E))^k)`` for ``k`` in ``hops``, averaged
   over hops. [choice] The powers are taken on the *masked* (old) subgraph, so a path
-  through a new-class node does not count; the multi-hop matrices therefore depend on
-  the current mask and are recomputed at loss time (``L K^3`` flops, negligible) instead
-  of being stored (storing them would only add bytes).
+  through a new-class node does not count; they are recomputed at loss time (``L K^3``
+  flops, negligible) instead of being stored.
 - L_path: per transition ``l -> l + 1``, the same on ``RowNorm(M_{l->l+1} * T)``.
 - [choice] Each per-layer sum over rows is divided by ``K`` (a constant) so lambdas
   transfer across node counts. Layers are weighted by :func:`layer_weights` (``decay^l``
@@ -92,17 +108,20 @@ computed so the stored edges are exactly reproducible from the stored centroids)
 node token shares ``[K]`` and the edges ``[K, K]``; per consecutive pair the transitions
 ``[K, K]`` (float32). With the defaults (``K = 16``) and a ViT-B/16-like capture
 (8 prompted layers, ``D = 512``) this is about 0.28 MB per task, in line with the
-paper's ~0.2 MB.
+paper's ~0.2 MB. Building it costs ``B N^2 K`` per layer and batch (pooling), the graph
+itself ``O(K^2 L)``.
 
 [choice] Defaults (all searchable): ``K = 16``, ``alpha = 0.5``, ``beta = 1``,
-``gamma = 0.5``, soft-assignment ``temperature = 0.1``, ``topk = 8`` (:class:`GraphConfig`);
-``tau = 0.8``, ``min_mass = 1e-4``, ``decay = 0.8``, ``lambdas = (1, 1, 1)``,
-``hops = (2, 3)`` (:func:`graph_losses`).
+``gamma = 0.5``, soft-assignment ``temperature = 0.1``, ``topk = 8``,
+``cross_weight = 0.5`` (:class:`GraphConfig`); ``tau = 0.8``, ``min_mass = 1e-4``,
+``decay = 0.8``, ``lambdas = (1, 1, 1)``, ``hops = (2, 3)`` (:func:`graph_losses`).
 
 Typical use by a method: at the end of task ``t``, ``fit_nodes`` on the task's fused
-features, then ``build_graph`` over the task's batches, keep the :class:`TaskGraph`
-(``state_dict`` for checkpoints); while training task ``t + 1``, per batch
-``graph_losses(current_graph(tokens, attn, stored), stored)``.
+features, ``build_graph`` over the task's batches on those nodes, keep the
+:class:`TaskGraph` (``state_dict`` for checkpoints). At the start of task ``t + 1``:
+``fit_nodes`` on its features, ``build_graph`` once for the prototypes,
+``match_nodes`` against task ``t``'s graph, keep ``stored.aligned(perm)`` and the old
+masks; per batch ``graph_losses(current_graph(..., centroids=nodes), aligned, old=old)``.
 
 [choice] :func:`kmeans` raises a ``ValueError`` when there are fewer points than
 clusters (duplicated centroids would make nodes indistinguishable and their soft
@@ -140,7 +159,8 @@ class GraphConfig:
     temperature: float = 0.1  # soft-assignment temperature on cosine similarities
     topk: int | None = 8  # neighbours kept per row; None = dense
     residual: float = 0.5  # identity weight of the rollout (Abnar & Zuidema: 0.5)
-    path_similarity: Literal["centroids", "prototypes"] = "centroids"
+    path_similarity: Literal["centroids", "prototypes"] = "prototypes"
+    cross_weight: float = 0.5  # weight of the image-to-text family in the blended edges
     kmeans_iters: int = 50
     seed: int = 0
     store_dtype: str = "float16"  # centroids and prototypes; edges stay float32
@@ -152,6 +172,8 @@ class GraphConfig:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+        if not 0.0 <= self.cross_weight <= 1.0:
+            raise ValueError(f"cross_weight must be in [0, 1], got {self.cross_weight}")
         if not 0.0 <= self.residual <= 1.0:
             raise ValueError(f"residual must be in [0, 1], got {self.residual}")
         if self.temperature <= 0 or self.beta <= 0:
@@ -356,6 +378,52 @@ def edge_mask(old_src: Tensor, old_dst: Tensor | None = None) -> Tensor:
     return old_src.float()[:, None] * dst.float()[None, :]
 
 
+def match_cosines(current: TaskGraph, stored: TaskGraph) -> list[Tensor]:
+    """Per layer, the prototype cosine of each current node to its :func:`match_nodes`
+    partner (``[K]``): what ``tau`` is compared with (for logs and for choosing ``tau``)."""
+    perm, _ = match_nodes(current, stored, tau=-2.0)
+    out = []
+    for cur, old, p in zip(current.layers, stored.layers, perm):
+        a = F.normalize(cur.prototypes.detach().float(), dim=-1)
+        b = F.normalize(old.prototypes.detach().float().to(a.device), dim=-1)[p]
+        out.append((a * b).sum(-1))
+    return out
+
+
+def match_nodes(
+    current: TaskGraph, stored: TaskGraph, tau: float, min_mass: float = 0.0
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Match the current task's nodes with a stored graph's, layer by layer.
+
+    Per layer, the one-to-one assignment of current nodes to stored nodes that maximises
+    the summed prototype cosine (Hungarian, ``scipy.optimize.linear_sum_assignment``;
+    ``O(K^3)`` on ``K x K``, microseconds). Returns ``(perm, old)``: ``perm[l][i]`` the
+    stored node matched with current node ``i`` (``[K]`` long), ``old[l][i]`` whether that
+    match is an old-class node: cosine ``>= tau`` and a token share ``> min_mass`` in both
+    graphs (``[K]`` bool). Needs ``K_stored >= K_current`` (equal in DAGR).
+    """
+    from scipy.optimize import linear_sum_assignment  # scipy only where a graph is matched
+
+    if len(current.layers) != len(stored.layers):
+        raise ValueError(f"current graph has {len(current.layers)} layers, stored has {len(stored.layers)}")
+    perms, olds = [], []
+    with torch.no_grad():
+        for cur, old in zip(current.layers, stored.layers):
+            a = F.normalize(cur.prototypes.detach().float(), dim=-1)
+            b = F.normalize(old.prototypes.detach().float().to(a.device), dim=-1)
+            if b.shape[0] < a.shape[0]:
+                raise ValueError(f"cannot match {a.shape[0]} current nodes with {b.shape[0]} stored ones")
+            cos = a @ b.T  # [K_cur, K_stored]
+            rows, cols = linear_sum_assignment(cos.cpu().double().numpy(), maximize=True)
+            perm = torch.as_tensor(cols, dtype=torch.long, device=a.device)[torch.as_tensor(rows).argsort()]
+            best = cos.gather(1, perm[:, None]).squeeze(1)
+            o = (best >= tau) & (cur.mass.detach().to(a.device) > min_mass)
+            o &= old.mass.detach().to(a.device)[perm] > min_mass
+            perms.append(perm)
+            olds.append(o)
+    return perms, olds
+
+
 # --------------------------------------------------------------------------- edges
 def attention_probs(attn_logits: Tensor, beta: float = 1.0) -> Tensor:
     """Head-averaged ``softmax_j(beta * A_h[i, j])``: ``[B, H, N, N] -> [B, N, N]``."""
@@ -422,9 +490,10 @@ def _flow_sums(
 def layer_flow(probs: Tensor, assign: Tensor, assign_next: Tensor, residual: float = 0.5) -> Tensor:
     """One rollout step between consecutive layers, pooled to nodes: ``R_l`` ``[K_{l+1}, K_l]``.
 
-    ``probs`` ``[B, N, N]`` head-averaged attention of block ``l``, ``assign`` its input
-    tokens' assignment to layer-``l`` nodes, ``assign_next`` the assignment of the block's
-    output tokens (input of block ``l + 1``) to layer-``l + 1`` nodes. Row ``j`` (a
+    ``probs`` ``[B, N, N]`` head-averaged attention of the block between the two layers
+    (its input tokens are layer ``l``'s, its output tokens layer ``l + 1``'s: block
+    ``l + 1`` in DAGR's layout), ``assign`` the input tokens' assignment to layer-``l``
+    nodes, ``assign_next`` the output tokens' to layer-``l + 1`` nodes. Row ``j`` (a
     layer-``l + 1`` node) is a distribution over the layer-``l`` nodes it draws from.
     """
     with _fp32():
@@ -502,6 +571,22 @@ class TaskGraph:
             config=self.config,
         )
 
+    def aligned(self, perm: Sequence[Tensor]) -> TaskGraph:
+        """This graph re-indexed so that its node ``i`` of layer ``l`` is node
+        ``perm[l][i]`` (from :func:`match_nodes`): edges ``[perm][:, perm]``, transitions
+        ``[perm_{l+1}][:, perm_l]``, so it indexes the nodes of the graph it was matched with."""
+        if len(perm) != len(self.layers):
+            raise ValueError(f"need one permutation per layer ({len(self.layers)}), got {len(perm)}")
+        layers = []
+        for layer, p in zip(self.layers, perm):
+            p = p.to(layer.edges.device)
+            layers.append(LayerGraph(
+                centroids=layer.centroids[p], prototypes=layer.prototypes[p], mass=layer.mass[p],
+                edges=layer.edges[p][:, p],
+            ))  # fmt: skip
+        transitions = [t[perm[i + 1].to(t.device)][:, perm[i].to(t.device)] for i, t in enumerate(self.transitions)]
+        return TaskGraph(layers=layers, transitions=transitions, config=self.config)
+
     def detach(self) -> TaskGraph:
         return TaskGraph(
             layers=[LayerGraph(**{k: v.detach() for k, v in layer.tensors().items()}) for layer in self.layers],
@@ -512,7 +597,7 @@ class TaskGraph:
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors and primitives only (loads with ``torch.load(weights_only=True)``)."""
         return {
-            "version": 1,
+            "version": 2,
             "config": asdict(self.config),
             "layers": [{k: v.detach().cpu().clone() for k, v in layer.tensors().items()} for layer in self.layers],
             "transitions": [t.detach().cpu().clone() for t in self.transitions],
@@ -520,7 +605,9 @@ class TaskGraph:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> TaskGraph:
-        if state.get("version") != 1:
+        # Version 2: per-task nodes on block outputs, cross-modal edges (version 1 graphs
+        # were built on block inputs and cannot be compared with a version 2 graph).
+        if state.get("version") != 2:
             raise ValueError(f"unknown TaskGraph state version {state.get('version')!r}")
         return cls(
             layers=[LayerGraph(**layer) for layer in state["layers"]],
@@ -532,7 +619,7 @@ class TaskGraph:
 class GraphAccumulator:
     """Running sums over a stream of batches; ``finalize`` turns them into a :class:`TaskGraph`.
 
-    Holds per layer ``[K, D] + [K] + 2 [K, K]`` sums, never the data. Gradients flow
+    Holds per layer ``2 [K, D] + 2 [K] + 3 [K, K]`` sums, never the data. Gradients flow
     through the sums when the inputs require grad (the current-batch graph).
 
     Every layer has the same ``K`` and ``D`` and the image tower the same ``N``, so all
@@ -548,9 +635,12 @@ class GraphAccumulator:
         self.centroids = (centroids if isinstance(centroids, Tensor) else torch.stack(list(centroids))).float()  # [L, K, D]
         L = self.centroids.shape[0]
         self.num_layers = L
-        self.proto_sums: Tensor | None = None  # [L, K, D]
+        self.proto_sums: Tensor | None = None  # [L, K, D] image part
         self.mass: Tensor | None = None  # [L, K]
-        self.edge_sums: Tensor | None = None  # [L, K, K]
+        self.text_sums: Tensor | None = None  # [L, K, D] text part of the prototypes
+        self.text_mass: Tensor | None = None  # [L, K]
+        self.edge_sums: Tensor | None = None  # [L, K, K] image attention family
+        self.cross_sums: Tensor | None = None  # [L, K, K] image-to-text family
         self.flow_sums: Tensor | None = None  # [L - 1, K, K]
         self.tokens_seen = 0
 
@@ -560,12 +650,19 @@ class GraphAccumulator:
         return x if acc is None else acc + x
 
     def update(
-        self, tokens: Sequence[Tensor] | Tensor, attn: Sequence[Tensor], probs: Sequence[Tensor] | None = None
+        self,
+        tokens: Sequence[Tensor] | Tensor,
+        attn: Sequence[Tensor],
+        probs: Sequence[Tensor] | None = None,
+        text: Sequence[Tensor] | Tensor | None = None,
     ) -> None:
         """Add one batch: ``tokens`` per layer ``[B, N, D]`` (or stacked ``[L, B, N, D]``),
-        ``attn`` per layer ``[B, H, N, N]`` pre-softmax logits. ``probs``: optionally the
-        per-head ``softmax(beta * attn)`` per layer, when the caller has it already (a
-        capturing forward at ``beta = 1``); it is used instead of recomputing it."""
+        the outputs of blocks ``0 .. L-1``; ``attn`` per block ``[B, H, N, N]`` pre-softmax
+        logits of those blocks (layer ``l``'s edges use block ``l``'s, the transition
+        ``l -> l + 1`` block ``l + 1``'s). ``probs``: optionally the per-head
+        ``softmax(beta * attn)`` per block, when the caller has it already (a capturing
+        forward at ``beta = 1``). ``text``: per layer the class text features ``[C, D]``
+        (or ``[L, C, D]``) for the cross-modal family and the fused prototypes."""
         cfg, L = self.config, self.num_layers
         if len(tokens) != L or len(attn) != L:
             raise ValueError(f"expected {L} layers of tokens and attention, got {len(tokens)} and {len(attn)}")
@@ -576,6 +673,8 @@ class GraphAccumulator:
                     f"layer {layer}: tokens must be [B, N, D] and attention [B, H, N, N], "
                     f"got {tuple(t.shape)} and {tuple(a.shape)}"
                 )
+        if text is not None and len(text) != L:
+            raise ValueError(f"expected {L} layers of class text features, got {len(text)}")
         with _fp32():
             t = tokens.float() if isinstance(tokens, Tensor) else torch.stack([x.float() for x in tokens])
             if self.centroids.device != t.device:  # once: the graph lives with the data
@@ -584,17 +683,31 @@ class GraphAccumulator:
             # The softmax runs per layer (the [B, H, N, N] logits are the large tensors:
             # stacking them would copy them all); everything after it on [L, B, N, N].
             if probs is not None:
-                probs = torch.stack([p.float().mean(dim=1) for p in probs])
+                p = torch.stack([x.float().mean(dim=1) for x in probs])
             else:
-                probs = torch.stack([attention_probs(a, cfg.beta) for a in attn])
-            drawn = probs @ s  # [L, B, N, K]: where each token's attention lands, by node
-            flat_t = F.normalize(t, dim=-1).flatten(1, 2)  # [L, B N, D]
+                p = torch.stack([attention_probs(a, cfg.beta) for a in attn])
+            unit = F.normalize(t, dim=-1)
+            flat_t = unit.flatten(1, 2)  # [L, B N, D]
             flat_s = s.flatten(1, 2)  # [L, B N, K]
             self.proto_sums = self._add(self.proto_sums, flat_s.transpose(-1, -2) @ flat_t)
             self.mass = self._add(self.mass, flat_s.sum(1))
-            self.edge_sums = self._add(self.edge_sums, _edge_sums(probs, s, drawn))
+            self.edge_sums = self._add(self.edge_sums, _edge_sums(p, s))
+            if text is not None:
+                z = text.float() if isinstance(text, Tensor) else torch.stack([x.float() for x in text])
+                z = F.normalize(z, dim=-1)  # [L, C, D]
+                u = soft_assign(z, self.centroids, cfg.temperature)  # [L, C, K]
+                t_sums, t_mass = u.transpose(-1, -2) @ z, u.sum(1)  # [L, K, D], [L, K]
+                self.text_sums = self._add(self.text_sums, t_sums)
+                self.text_mass = self._add(self.text_mass, t_mass)
+                # Per-node text vectors of this batch's classes; each token's alignment to
+                # them, pooled by the token's node (row i: node i's tokens -> node j's text).
+                node_text = F.normalize(t_sums / t_mass.clamp_min(EPS)[..., None], dim=-1)
+                align = torch.softmax(unit @ node_text[:, None].transpose(-1, -2) / cfg.temperature, dim=-1)
+                self.cross_sums = self._add(self.cross_sums, (s.transpose(-1, -2) @ align).sum(1))
             if L > 1:
-                flow = _flow_sums(probs[:-1], s[:-1], s[1:], cfg.residual, drawn[:-1])
+                # Transition l -> l + 1 runs through block l + 1: its attention over its
+                # input (layer l's tokens) and its output (layer l + 1's).
+                flow = _flow_sums(p[1:], s[:-1], s[1:], cfg.residual)
                 self.flow_sums = self._add(self.flow_sums, flow)
         self.tokens_seen += t.shape[1] * t.shape[2]
 
@@ -602,9 +715,9 @@ class GraphAccumulator:
         """The graph of everything seen so far.
 
         Without ``support``: a graph to store (top-k sparsified, centroids and prototypes
-        in ``store_dtype``). With ``support`` (a stored graph): the current graph, its
-        edges restricted to the stored graph's support, everything float32 and
-        differentiable.
+        in ``store_dtype``). With ``support`` (a stored graph on the same nodes, e.g.
+        :meth:`TaskGraph.aligned`): the current graph, its edges restricted to the stored
+        graph's support, everything float32 and differentiable.
         """
         if self.tokens_seen == 0:
             raise ValueError("no batch was added")
@@ -613,11 +726,17 @@ class GraphAccumulator:
         assert self.mass is not None and self.edge_sums is not None and self.proto_sums is not None
         with _fp32():
             edges = row_norm(self.edge_sums)  # [L, K, K]
+            if self.cross_sums is not None:
+                edges = row_norm((1.0 - cfg.cross_weight) * edges + cfg.cross_weight * row_norm(self.cross_sums))
             if store:
                 edges = topk_sparsify(edges, cfg.topk)
             elif _sparse(cfg.topk, edges.shape[-1]):
                 edges = restrict(edges, torch.stack([layer.edges for layer in support.layers]).to(edges.device) > 0)
             protos = self.proto_sums / self.mass.clamp_min(EPS)[..., None]
+            if self.text_sums is not None:
+                assert self.text_mass is not None
+                txt = self.text_sums / self.text_mass.clamp_min(EPS)[..., None]
+                protos = cfg.alpha * protos + (1.0 - cfg.alpha) * txt
             mass = self.mass / float(self.tokens_seen)
             if store:
                 # Own storage per stored tensor (not views of the stacked sums).
@@ -648,29 +767,39 @@ class GraphAccumulator:
         return graph.detach() if store else graph
 
 
-def build_graph(
-    batches: Iterable[tuple[Sequence[Tensor], Sequence[Tensor]]],
-    centroids: Sequence[Tensor],
-    config: GraphConfig,
-) -> TaskGraph:
-    """The graph of a whole task, to store: ``batches`` yields ``(tokens, attn)`` per
-    batch, each a per-layer list (``[B, N, D]`` and ``[B, H, N, N]``); only running sums
-    are kept. ``centroids`` from :func:`fit_nodes` (rounded to ``config.store_dtype``)."""
+Batch = tuple  # (tokens, attn) or (tokens, attn, text), see GraphAccumulator.update
+
+
+def build_graph(batches: Iterable[Batch], centroids: Sequence[Tensor], config: GraphConfig) -> TaskGraph:
+    """The graph of a whole task, to store: ``batches`` yields ``(tokens, attn)`` or
+    ``(tokens, attn, text)`` per batch (see :meth:`GraphAccumulator.update`); only running
+    sums are kept. ``centroids`` from :func:`fit_nodes` (rounded to ``config.store_dtype``)."""
     acc = GraphAccumulator(torch.stack([c.to(config.dtype).float() for c in centroids]), config)
     with torch.no_grad():
-        for tokens, attn in batches:
-            acc.update([t.detach() for t in tokens], [a.detach() for a in attn])
+        for batch in batches:
+            tokens, attn = batch[0], batch[1]
+            text = batch[2] if len(batch) > 2 else None
+            acc.update([t.detach() for t in tokens], [a.detach() for a in attn], None,
+                       None if text is None else [z.detach() for z in text])  # fmt: skip
         return acc.finalize()
 
 
 def current_graph(
-    tokens: Sequence[Tensor] | Tensor, attn: Sequence[Tensor], stored: TaskGraph, probs: Sequence[Tensor] | None = None
+    tokens: Sequence[Tensor] | Tensor,
+    attn: Sequence[Tensor],
+    stored: TaskGraph,
+    probs: Sequence[Tensor] | None = None,
+    text: Sequence[Tensor] | Tensor | None = None,
+    centroids: Sequence[Tensor] | Tensor | None = None,
 ) -> TaskGraph:
-    """The graph of the current batch on the stored graph's nodes, with its config and
-    top-k support; differentiable w.r.t. ``tokens`` (per layer, or stacked ``[L, B, N, D]``)
-    and ``attn`` (or ``probs``, see :meth:`GraphAccumulator.update`)."""
-    acc = GraphAccumulator(torch.stack([layer.centroids for layer in stored.layers]), stored.config)
-    acc.update(tokens, attn, probs)
+    """The graph of the current batch, with the stored graph's config and top-k support;
+    differentiable w.r.t. ``tokens``, ``attn`` (or ``probs``) and ``text`` (see
+    :meth:`GraphAccumulator.update`). On ``centroids`` (the current task's nodes, with
+    ``stored`` aligned to them) or, by default, on the stored graph's own nodes."""
+    if centroids is None:
+        centroids = torch.stack([layer.centroids for layer in stored.layers])
+    acc = GraphAccumulator(centroids, stored.config)
+    acc.update(tokens, attn, probs, text)
     return acc.finalize(support=stored)
 
 
@@ -749,6 +878,8 @@ __all__ = [
     "kmeans",
     "layer_flow",
     "layer_weights",
+    "match_cosines",
+    "match_nodes",
     "multi_hop",
     "node_edges",
     "old_node_mask",

@@ -358,6 +358,11 @@ def _patch_data_passes(method: "Method") -> None:
         # The task Gaussian of before_task: statistics over the task's images, no parameters.
         method.identifier.fit_task = lambda features: None  # type: ignore[method-assign]
         method._features = lambda task_index: None  # type: ignore[method-assign]
+    from cl_methods.dagr import DAGR
+
+    if isinstance(method, DAGR):
+        # Matching the task's graph nodes with the previous task's: a data pass, no parameters.
+        method.prepare_target = lambda task_index, task: None  # type: ignore[method-assign]
 
 
 def _growth_note(method: "Method", fedex: bool) -> str | None:

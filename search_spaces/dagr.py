@@ -19,7 +19,7 @@ def space(trial):
     trial.suggest_float("method.gamma", 0.0, 1.0)
     trial.suggest_categorical("method.num_nodes", [8, 16, 32])
     trial.suggest_categorical("method.topk", [4, 8, 16])
-    trial.suggest_float("method.tau", 0.5, 0.95)
+    trial.suggest_float("method.tau", -0.2, 0.8)
     for name in ("lambda_edge", "lambda_multi", "lambda_path"):
         trial.suggest_float(f"method.{name}", 0.01, 10.0, log=True)
     trial.suggest_float("method.lambda_decay", 0.5, 1.0)

@@ -16,7 +16,8 @@ from mmcl.engine import prepare, run_continual
 from .helpers import tiny_run
 
 K = 4  # nodes per layer in these tests (the tiny tasks have few images)
-EMBED, LAYERS = 128, 3  # tiny CLIP joint space; image blocks (all prompted)
+EMBED, LAYERS, TEXT_LAYERS = 128, 3, 2  # tiny CLIP joint space; image / text blocks (all prompted)
+PROMPTS = ("image_keys", "image_values", "text_keys", "text_values")
 
 
 def test_config_and_ablations():
@@ -31,6 +32,8 @@ def test_config_and_ablations():
         build_method("dagr", {"alpha": 1.5})
     with pytest.raises(ValueError):
         build_method("dagr", {"hops": [0]})
+    with pytest.raises(ValueError):
+        build_method("dagr", {"cross_weight": 2.0})
 
 
 # --------------------------------------------------------------------------- method level
@@ -38,7 +41,8 @@ def test_config_and_ablations():
 
 @pytest.fixture(scope="module")
 def setup():
-    """A DAGR after task 0 whose graph was stored on one batch, in task 1 (set 1 = copy of set 0)."""
+    """A DAGR in task 1 whose task-0 graph was stored on one batch (set 1 = copy of set 0),
+    with task 1's target prepared on that same batch and classes: nothing has drifted."""
     run = tiny_run(method="dagr", config={"prompt_length": 2, "num_nodes": K, "tau": 0.5}, num_tasks=2)
     prep = prepare(run)
     m: DAGR = prep.method
@@ -48,79 +52,106 @@ def setup():
         for p in (m.prompted.prompts[0].image_values, m.prompted.prompts[0].text_values):
             p.copy_(0.5 * torch.randn(p.shape, generator=g))
     batch = next(iter(torch.utils.data.DataLoader(prep.ctx.train_sets[0], batch_size=16, shuffle=False)))
-    m.centroids = m.fit_nodes(0, [batch])
-    m.store_graph(0, [batch["image"]])
-    m.before_task(1, prep.tasks[1])
+    task0 = prep.tasks[0]
+    with torch.no_grad():
+        _, text = m.class_text(task0, 0)
+        centroids = m.fit_nodes(0, 0, [batch], text)
+        m.graphs = [m.build_task_graph(0, [batch["image"]], text, centroids)]
+    m.before_task(1, prep.tasks[1])  # set 1 inherits set 0; its own target is replaced below
+    with torch.no_grad():
+        _, text1 = m.class_text(task0, 1)
+        start = m.build_task_graph(1, [batch["image"]], text1, centroids)
+    m._target = m.target_from(1, start)
     return prep, m, batch["image"]
 
 
-def _terms(m: DAGR, images: torch.Tensor) -> dict[str, torch.Tensor]:
+def _terms(m: DAGR, images: torch.Tensor, prep) -> dict[str, torch.Tensor]:
+    _, text = m.class_text(prep.tasks[0], 1)  # the stored batch's classes, through set 1
     _, tokens, attn, probs = m.graph_inputs(images, 1)
-    return m.graph_terms(tokens, attn, 1, probs)
+    return m.graph_terms(tokens, attn, text, 1, probs)
 
 
-def _perturbed(m: DAGR, layer: int, scale: float):
-    """A context: set 1's image value prompts of one block moved by ``scale`` * noise."""
+class _Perturbed:
+    """Set 1's prompt tensor ``name`` moved at one block by ``scale`` * noise."""
 
-    class _Ctx:
-        def __enter__(self):
-            v = m.prompted.prompts[1].image_values
-            self.saved = v.detach().clone()
-            with torch.no_grad():
-                v[layer] += scale * torch.randn(v[layer].shape, generator=torch.Generator().manual_seed(1))
+    def __init__(self, m: DAGR, name: str, layer: int, scale: float):
+        self.p, self.layer, self.scale = getattr(m.prompted.prompts[1], name), layer, scale
 
-        def __exit__(self, *exc):
-            with torch.no_grad():
-                m.prompted.prompts[1].image_values.copy_(self.saved)
+    def __enter__(self):
+        self.saved = self.p.detach().clone()
+        with torch.no_grad():
+            noise = torch.randn(self.p[self.layer].shape, generator=torch.Generator().manual_seed(1))
+            self.p[self.layer] += self.scale * noise
 
-    return _Ctx()
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            self.p.copy_(self.saved)
 
 
-def test_graph_terms_zero_on_the_stored_batch_and_grow_with_a_perturbed_layer(setup):
-    _, m, images = setup
-    assert torch.equal(m.prompted.prompts[1].image_values, m.prompted.prompts[0].image_values)
+def test_graph_terms_zero_when_nothing_drifted(setup):
+    prep, m, images = setup
+    for name in PROMPTS:
+        assert torch.equal(getattr(m.prompted.prompts[1], name), getattr(m.prompted.prompts[0], name))
     stored = m.graphs[0]
     assert len(stored.layers) == LAYERS and stored.layers[0].centroids.shape == (K, EMBED)
-    # Unchanged model and data: every term is exactly zero, with old nodes present (not vacuous).
-    _, tokens, attn, probs = m.graph_inputs(images, 1)
-    cur = dg.current_graph(tokens, attn, stored)
-    old = [dg.old_node_mask(c.prototypes, s.prototypes, 0.5, c.mass, s.mass, 1e-4) for c, s in zip(cur.layers, stored.layers)]
-    assert all(int(o.sum()) >= 2 for o in old), old
-    terms = m.graph_terms(tokens, attn, 1, probs)
+    # Same nodes, same data, same prompts: the match is the identity and every node old
+    # (not vacuous), and every term is exactly zero.
+    assert all(int(o.sum()) == K for o in m._target.old)
+    terms = _terms(m, images, prep)
     assert set(terms) == {"edge", "multi", "path"}
     assert all(v.detach().item() == 0.0 for v in terms.values()), terms
 
-    # Block 0's prompt shapes the input of blocks 1 and 2: every term grows with it.
-    small, large = {}, {}
-    with _perturbed(m, 0, 0.5):
-        small = {k: v.detach().item() for k, v in _terms(m, images).items()}
-    with _perturbed(m, 0, 3.0):
-        large = _terms(m, images)
-        sum(large.values()).backward()
-        grad = m.prompted.prompts[1].image_values.grad
-    large = {k: v.detach().item() for k, v in large.items()}
+
+BLOCKS = [(n, layer) for n in PROMPTS for layer in range(LAYERS if n.startswith("image") else TEXT_LAYERS)]
+
+
+@pytest.mark.parametrize("name,layer", BLOCKS, ids=[f"{n}-{layer}" for n, layer in BLOCKS])
+def test_every_term_grows_with_drift_in_any_single_prompted_block(setup, name, layer):
+    """Either tower, keys or values, the first block or the last: each graph term sees it."""
+    prep, m, images = setup
+    with torch.no_grad():
+        with _Perturbed(m, name, layer, 0.3):
+            small = {k: v.item() for k, v in _terms(m, images, prep).items()}
+        with _Perturbed(m, name, layer, 3.0):
+            large = {k: v.item() for k, v in _terms(m, images, prep).items()}
     for k in ("edge", "multi", "path"):
         assert 0.0 < small[k] < large[k], (k, small, large)
-    # The gradient reaches block 0's prompt, not the last block's (its output is no graph input).
-    assert grad[0].abs().sum() > 0 and grad[LAYERS - 1].abs().sum() == 0
-    m.prompted.prompts[1].image_values.grad = None
-    # The last block's prompt only changes the tower's output: the graph does not see it.
-    with _perturbed(m, LAYERS - 1, 3.0):
-        assert all(v.detach().item() == 0.0 for v in _terms(m, images).values())
 
 
-def test_new_class_edges_contribute_nothing(setup):
-    _, m, images = setup
-    original = m.graphs[0]
+def test_gradient_reaches_every_prompt_tensor_of_both_towers(setup):
+    prep, m, images = setup
+    ps = m.prompted.prompts[1]
+    with _Perturbed(m, "image_values", 1, 1.0):  # off the zero-loss point
+        terms = _terms(m, images, prep)
+        m.check_dependencies(terms, 1)  # the method's own check passes
+        sum(terms.values()).backward()
+    try:
+        for name in PROMPTS:
+            grad = getattr(ps, name).grad
+            assert grad is not None, name
+            for layer in range(len(grad)):  # every block of the tower, first and last
+                assert grad[layer].abs().sum() > 0, (name, layer)
+    finally:
+        ps.zero_grad(set_to_none=True)
+    # A term constant in the prompts is refused, not silently trained on.
+    with pytest.raises(RuntimeError, match="constant in the trainable prompts"):
+        m.check_dependencies({"edge": torch.zeros(())}, 1)
 
-    def edited(new_node: bool) -> dg.TaskGraph:
-        """The stored graph with node 0's edges (rows and columns, every layer) rescaled;
-        with ``new_node`` its stored prototype is flipped, so it no longer matches (new)."""
-        g = dg.TaskGraph.from_state_dict(original.state_dict())
+
+def test_new_class_nodes_contribute_nothing(setup):
+    prep, m, images = setup
+    saved = m._target
+
+    def terms_with(stored: dg.TaskGraph, old: list[torch.Tensor]) -> dict[str, float]:
+        m._target = type(saved)(1, saved.centroids, stored, old)
+        with _Perturbed(m, "image_values", 0, 1.0), torch.no_grad():
+            return {k: float(v) for k, v in _terms(m, images, prep).items()}
+
+    def edited() -> dg.TaskGraph:
+        """The target graph with node 0's edges (rows and columns, every layer) rescaled."""
+        g = dg.TaskGraph.from_state_dict(saved.stored.state_dict())
         gen = torch.Generator().manual_seed(3)
         for layer in g.layers:
-            if new_node:
-                layer.prototypes[0] = -layer.prototypes[0]
             for sl in ((0, slice(None)), (slice(None), 0)):
                 layer.edges[sl] *= 1.0 + torch.rand(layer.edges[sl].shape, generator=gen)  # support kept
         for t in g.transitions:
@@ -128,24 +159,15 @@ def test_new_class_edges_contribute_nothing(setup):
             t[0, :] *= 3.0
         return g
 
-    def terms_with(graph: dg.TaskGraph) -> dict[str, float]:
-        m.graphs[0] = graph
-        m._device_graph = None
-        with _perturbed(m, 0, 1.0), torch.no_grad():
-            return {k: float(v) for k, v in _terms(m, images).items()}
-
+    node0_new = [torch.arange(K) != 0 for _ in range(LAYERS)]
     try:
-        as_new = dg.TaskGraph.from_state_dict(original.state_dict())
-        for layer in as_new.layers:
-            layer.prototypes[0] = -layer.prototypes[0]
-        base_new = terms_with(as_new)
-        assert terms_with(edited(new_node=True)) == base_new  # exactly: node 0's edges are ignored
-        base_old = terms_with(original)
-        changed = terms_with(edited(new_node=False))
+        base_new = terms_with(saved.stored, node0_new)
+        assert terms_with(edited(), node0_new) == base_new  # exactly: node 0's edges are ignored
+        base_old = terms_with(saved.stored, saved.old)
+        changed = terms_with(edited(), saved.old)
         assert changed["edge"] != base_old["edge"] and changed["path"] != base_old["path"]
     finally:
-        m.graphs[0] = original
-        m._device_graph = None
+        m._target = saved
 
 
 # --------------------------------------------------------------------------- in the engine
@@ -157,12 +179,13 @@ def test_training_prompts_graphs_size_and_resume():
     prep = prepare(run)
     m: DAGR = prep.method
     frozen = {n: p.detach().clone() for n, p in prep.backbone.named_parameters()}
-    starts, ends = {}, []
+    starts, targets, ends = {}, {}, []
     original_before = DAGR.before_task
 
     def spy(self, t, task):
         original_before(self, t, task)
         starts[t] = {k: v.detach().clone() for k, v in self.prompted.prompts[t].state_dict().items()}
+        targets[t] = self._target
 
     DAGR.before_task = spy
     try:
@@ -172,17 +195,30 @@ def test_training_prompts_graphs_size_and_resume():
 
     snaps = {e.step: e.state["method"]["modules"] for e in ends}
     for s in range(3):
-        for name in ("image_keys", "image_values", "text_keys", "text_values"):
+        for name in PROMPTS:
             key = f"prompted.prompts.{s}.{name}"
             if s > 0:  # starts as the previous task's trained set
                 assert torch.equal(starts[s][name], snaps[s][f"prompted.prompts.{s - 1}.{name}"]), key
             for step in range(s + 1, 4):  # and is bit-identical after its own task
                 assert torch.equal(snaps[step][key], snaps[s + 1][key]), (key, step)
         assert not torch.equal(snaps[s + 1][f"prompted.prompts.{s}.image_values"], starts[s]["image_values"])
+        assert not torch.equal(snaps[s + 1][f"prompted.prompts.{s}.text_values"], starts[s]["text_values"])
     for n, p in prep.backbone.named_parameters():
         assert torch.equal(p, frozen[n]), n
 
-    # Graph terms in the curves from the second task on, finite, not all zero (tau = -1: all nodes old).
+    # One graph per task, each on its own task's nodes; each later task's target is the
+    # previous graph re-indexed by a one-to-one match (tau = -1: every node old).
+    assert targets[0] is None
+    for t in (1, 2):
+        assert not torch.equal(m.graphs[t].layers[0].centroids, m.graphs[t - 1].layers[0].centroids)
+        assert [int(o.sum()) for o in targets[t].old] == [K] * LAYERS
+        for layer in range(LAYERS):
+            perm = targets[t].perm[layer]
+            assert sorted(perm.tolist()) == list(range(K))
+            prev = m.graphs[t - 1].layers[layer]
+            assert torch.equal(targets[t].stored.layers[layer].edges, prev.edges[perm][:, perm])
+
+    # Graph terms in the curves from the second task on, finite, not all zero.
     for e in ends[1:]:
         keys = {k for row in e.curves for k in row if k.startswith("loss/")}
         assert keys == ({"loss/ce"} if e.step == 1 else {"loss/ce", "loss/edge", "loss/multi", "loss/path"}), keys
@@ -204,15 +240,16 @@ def test_training_prompts_graphs_size_and_resume():
         for x, y in zip(a.state_dict()["layers"], b.state_dict()["layers"]):
             assert all(torch.equal(x[k], y[k]) for k in x)
         assert all(torch.equal(x, y) for x, y in zip(a.transitions, b.transitions))
-    # State round trip through torch.save: graphs and centroids exact.
+    # State round trip through torch.save: graphs (nodes included) exact.
     buf = io.BytesIO()
     torch.save(m.state_dict(), buf)
     buf.seek(0)
     fresh = prepare(run)
     fresh.method.load_state_dict(torch.load(buf, weights_only=True))
-    assert all(torch.equal(a, b) for a, b in zip(fresh.method.centroids, m.centroids))
     assert [g.state_dict()["config"] for g in fresh.method.graphs] == [g.state_dict()["config"] for g in m.graphs]
-    assert torch.equal(fresh.method.graphs[2].layers[1].edges, m.graphs[2].layers[1].edges)
+    for a, b in zip(fresh.method.graphs, m.graphs):
+        assert torch.equal(a.layers[1].centroids, b.layers[1].centroids)
+        assert torch.equal(a.layers[1].edges, b.layers[1].edges)
 
 
 @pytest.mark.parametrize(

@@ -102,8 +102,8 @@ def test_losses_grow_with_perturbation_size(what):
     previous = {"edge": 0.0, "multi": 0.0, "path": 0.0}
     for scale in scales:
         a, t = list(attn), list(tokens)
-        if what == "attn":
-            a[0] = a[0] + scale * noise_a
+        if what == "attn":  # block 1: layer 1's edges and the transition 0 -> 1 run through it
+            a[1] = a[1] + scale * noise_a
         else:
             t[1] = t[1] + scale * noise_t
         out = losses(t, a, stored)
@@ -315,9 +315,12 @@ def test_layers_computed_together_equal_the_per_layer_definitions():
         torch.testing.assert_close(stored.layers[layer].edges, ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(stored.layers[layer].prototypes.float(),
                                    dg.prototypes(tokens[layer], assign[layer]).to(cfg.dtype).float())  # fmt: skip
+    protos = [layer.prototypes.float() for layer in stored.layers]  # path_similarity="prototypes"
     for layer in range(L - 1):
-        flow = dg.layer_flow(dg.attention_probs(attn[layer], cfg.beta), assign[layer], assign[layer + 1], cfg.residual)
-        ref = dg.inter_layer_edges(cents[layer + 1], cents[layer], flow, cfg.gamma, cfg.topk)
+        # The transition l -> l + 1 runs through block l + 1's attention.
+        probs = dg.attention_probs(attn[layer + 1], cfg.beta)
+        flow = dg.layer_flow(probs, assign[layer], assign[layer + 1], cfg.residual)
+        ref = dg.inter_layer_edges(protos[layer + 1], protos[layer], flow, cfg.gamma, cfg.topk)
         torch.testing.assert_close(stored.transitions[layer], ref, rtol=1e-5, atol=1e-6)
 
     # Losses of a drifted batch against the per-layer sums of the masked KLs.
@@ -347,3 +350,83 @@ def test_layers_computed_together_equal_the_per_layer_definitions():
     torch.testing.assert_close(got["edge"], edge, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(got["multi"], multi, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(got["path"], path, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- cross-modal
+def class_text(dirs: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
+    """Per layer, one class text feature per cluster direction (plus noise): [K, D]."""
+    g = torch.Generator().manual_seed(100 + seed)
+    return [dirs + 0.1 * torch.randn(K, D, generator=g) for _ in range(L)]
+
+
+def test_class_text_enters_every_term_and_gets_gradient():
+    tokens, attn, dirs = capture()
+    text = class_text(dirs)
+    cfg = config(temperature=0.2)
+    centroids = dg.fit_nodes([dg.fuse(t.reshape(-1, D), t.reshape(-1, D), cfg.alpha) for t in tokens], cfg)
+    stored = dg.build_graph([(tokens, attn, text)], centroids, cfg)
+    same = dg.graph_losses(dg.current_graph(tokens, attn, stored, text=text), stored)
+    assert all(v.item() == 0.0 for v in same.values())
+    g = torch.Generator().manual_seed(11)
+    noise = torch.randn(K, D, generator=g)
+    previous = {"edge": 0.0, "multi": 0.0, "path": 0.0}
+    for scale in (0.1, 0.5):  # the text of one layer only (layer 1: in an edge and both transitions)
+        z = list(text)
+        z[1] = z[1] + scale * noise
+        for name, value in dg.graph_losses(dg.current_graph(tokens, attn, stored, text=z), stored).items():
+            assert value.item() > previous[name], (name, scale)
+            previous[name] = value.item()
+    # Gradient reaches the class features of every layer.
+    z = [(x + 0.3 * torch.randn(x.shape, generator=g)).requires_grad_(True) for x in text]
+    sum(dg.graph_losses(dg.current_graph(tokens, attn, stored, text=z), stored).values()).backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in z)
+    # Without text the graph is the image-only one: cross_weight plays no part.
+    a = dg.build_graph([(tokens, attn)], centroids, cfg)
+    b = dg.build_graph([(tokens, attn)], centroids, config(temperature=0.2, cross_weight=0.9))
+    assert torch.equal(a.layers[0].edges, b.layers[0].edges)
+    assert not torch.equal(a.layers[0].edges, stored.layers[0].edges)
+
+
+def test_match_recovers_permuted_nodes_and_the_aligned_graph_compares_equal():
+    """A later task whose nodes are the same clusters in another order: the match finds the
+    order, the stored graph re-indexed by it equals the current graph, the losses are ~0;
+    a drifted batch still costs."""
+    tokens, attn, dirs = capture()
+    text = class_text(dirs)
+    cfg = config()
+    centroids = dg.fit_nodes([t.reshape(-1, D) for t in tokens], cfg)
+    stored = dg.build_graph([(tokens, attn, text)], centroids, cfg)
+    order = torch.randperm(K, generator=torch.Generator().manual_seed(4))
+    permuted = [c[order] for c in centroids]
+    current = dg.build_graph([(tokens, attn, text)], permuted, cfg)
+    perm, old = dg.match_nodes(current, stored, tau=0.8)
+    assert all(torch.equal(p, order) for p in perm) and all(o.all() for o in old)
+    aligned = stored.aligned(perm)
+    for a, b in zip(aligned.layers, current.layers):
+        torch.testing.assert_close(a.edges, b.edges, rtol=0, atol=1e-6)
+    cur = dg.current_graph(tokens, attn, aligned, text=text, centroids=torch.stack(permuted))
+    same = dg.graph_losses(cur, aligned, old=old)
+    assert all(v.item() < 1e-6 for v in same.values()), same
+    drifted = [t + 0.5 * torch.randn(t.shape, generator=torch.Generator().manual_seed(2)) for t in tokens]
+    cur = dg.current_graph(drifted, attn, aligned, text=text, centroids=torch.stack(permuted))
+    drift = dg.graph_losses(cur, aligned, old=old)
+    assert all(drift[k].item() > max(1e-5, 100 * same[k].item()) for k in drift), (drift, same)
+
+
+def test_match_marks_nodes_without_a_stored_counterpart_new():
+    tokens, attn, dirs = capture()
+    cfg = config()
+    stored = stored_graph(tokens, attn, cfg)
+    label = torch.arange(N) % K
+    # A later task where cluster NEW[0] is replaced by a direction the stored task never had.
+    fresh_dir = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(8)))[0][0]
+    fresh_dir = fresh_dir - (dirs.T @ (dirs @ fresh_dir))  # orthogonal to every old cluster
+    moved = [t.clone() for t in tokens]
+    for t in moved:
+        t[:, label == NEW[0]] = 3.0 * torch.nn.functional.normalize(fresh_dir, dim=0)
+    current = stored_graph(moved, attn, cfg)  # its own nodes, fitted on its own tokens
+    perm, old = dg.match_nodes(current, stored, tau=0.8, min_mass=1e-4)
+    for layer in range(L):
+        new_node = node_of(current, layer, torch.nn.functional.normalize(fresh_dir, dim=0))
+        assert not old[layer][new_node]
+        assert int(old[layer].sum()) == K - 1
