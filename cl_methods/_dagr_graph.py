@@ -378,35 +378,24 @@ def edge_mask(old_src: Tensor, old_dst: Tensor | None = None) -> Tensor:
     return old_src.float()[:, None] * dst.float()[None, :]
 
 
-def match_cosines(current: TaskGraph, stored: TaskGraph) -> list[Tensor]:
-    """Per layer, the prototype cosine of each current node to its :func:`match_nodes`
-    partner (``[K]``): what ``tau`` is compared with (for logs and for choosing ``tau``)."""
-    perm, _ = match_nodes(current, stored, tau=-2.0)
-    out = []
-    for cur, old, p in zip(current.layers, stored.layers, perm):
-        a = F.normalize(cur.prototypes.detach().float(), dim=-1)
-        b = F.normalize(old.prototypes.detach().float().to(a.device), dim=-1)[p]
-        out.append((a * b).sum(-1))
-    return out
-
-
 def match_nodes(
     current: TaskGraph, stored: TaskGraph, tau: float, min_mass: float = 0.0
-) -> tuple[list[Tensor], list[Tensor]]:
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Match the current task's nodes with a stored graph's, layer by layer.
 
     Per layer, the one-to-one assignment of current nodes to stored nodes that maximises
     the summed prototype cosine (Hungarian, ``scipy.optimize.linear_sum_assignment``;
-    ``O(K^3)`` on ``K x K``, microseconds). Returns ``(perm, old)``: ``perm[l][i]`` the
+    ``O(K^3)`` on ``K x K``, microseconds). Returns ``(perm, old, cos)``: ``perm[l][i]`` the
     stored node matched with current node ``i`` (``[K]`` long), ``old[l][i]`` whether that
     match is an old-class node: cosine ``>= tau`` and a token share ``> min_mass`` in both
-    graphs (``[K]`` bool). Needs ``K_stored >= K_current`` (equal in DAGR).
+    graphs (``[K]`` bool), ``cos[l][i]`` the match's cosine (what ``tau`` is compared
+    with; for logs and for choosing ``tau``). Needs ``K_stored >= K_current`` (equal in DAGR).
     """
     from scipy.optimize import linear_sum_assignment  # scipy only where a graph is matched
 
     if len(current.layers) != len(stored.layers):
         raise ValueError(f"current graph has {len(current.layers)} layers, stored has {len(stored.layers)}")
-    perms, olds = [], []
+    perms, olds, cosines = [], [], []
     with torch.no_grad():
         for cur, old in zip(current.layers, stored.layers):
             a = F.normalize(cur.prototypes.detach().float(), dim=-1)
@@ -421,7 +410,8 @@ def match_nodes(
             o &= old.mass.detach().to(a.device)[perm] > min_mass
             perms.append(perm)
             olds.append(o)
-    return perms, olds
+            cosines.append(best)
+    return perms, olds, cosines
 
 
 # --------------------------------------------------------------------------- edges
@@ -433,11 +423,10 @@ def attention_probs(attn_logits: Tensor, beta: float = 1.0) -> Tensor:
     return torch.softmax(x if beta == 1.0 else beta * x, dim=-1).mean(dim=1)
 
 
-def _edge_sums(probs: Tensor, assign: Tensor, drawn: Tensor | None = None) -> Tensor:
+def _edge_sums(probs: Tensor, assign: Tensor) -> Tensor:
     """``sum_b S_b^T P_b S_b`` ``[..., K, K]`` (leading dims, e.g. layers, kept); row ``i``
-    sums to node ``i``'s token mass. ``drawn`` = ``P @ S`` when the caller has it."""
-    drawn = probs @ assign if drawn is None else drawn
-    return (assign.transpose(-1, -2) @ drawn).sum(-3)
+    sums to node ``i``'s token mass."""
+    return (assign.transpose(-1, -2) @ (probs @ assign)).sum(-3)
 
 
 def node_edges(attn_logits: Tensor, assign: Tensor, beta: float = 1.0, topk: int | None = None) -> Tensor:
@@ -478,12 +467,11 @@ def rollout(attn: Sequence[Tensor], residual: float = 0.5) -> Tensor:
     return out
 
 
-def _flow_sums(
-    probs: Tensor, assign: Tensor, assign_next: Tensor, residual: float, drawn: Tensor | None = None
-) -> Tensor:
+def _flow_sums(probs: Tensor, assign: Tensor, assign_next: Tensor, residual: float) -> Tensor:
     """``sum_b S_{l+1}^T Ã S_l`` ``[..., K_{l+1}, K_l]`` with ``Ã = (1 - r) P + r I`` (never
-    built). ``drawn`` = ``P @ S_l`` when the caller has it (the intra-layer edges need it too)."""
-    ps = probs @ assign if drawn is None else drawn
+    built); ``P`` is the block between the two layers, so ``P @ S_l`` is not the
+    intra-layer edges' product and cannot be shared with them."""
+    ps = probs @ assign
     return (assign_next.transpose(-1, -2) @ ((1.0 - residual) * ps + residual * assign)).sum(-3)
 
 
@@ -767,10 +755,7 @@ class GraphAccumulator:
         return graph.detach() if store else graph
 
 
-Batch = tuple  # (tokens, attn) or (tokens, attn, text), see GraphAccumulator.update
-
-
-def build_graph(batches: Iterable[Batch], centroids: Sequence[Tensor], config: GraphConfig) -> TaskGraph:
+def build_graph(batches: Iterable[tuple], centroids: Sequence[Tensor], config: GraphConfig) -> TaskGraph:
     """The graph of a whole task, to store: ``batches`` yields ``(tokens, attn)`` or
     ``(tokens, attn, text)`` per batch (see :meth:`GraphAccumulator.update`); only running
     sums are kept. ``centroids`` from :func:`fit_nodes` (rounded to ``config.store_dtype``)."""
@@ -878,7 +863,6 @@ __all__ = [
     "kmeans",
     "layer_flow",
     "layer_weights",
-    "match_cosines",
     "match_nodes",
     "multi_hop",
     "node_edges",

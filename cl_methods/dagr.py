@@ -128,7 +128,7 @@ class _Target:
 
     def __init__(
         self, task_index: int, centroids: torch.Tensor, stored: dg.TaskGraph, old: list[torch.Tensor],
-        perm: list[torch.Tensor] | None = None,
+        perm: list[torch.Tensor],
     ):  # fmt: skip
         self.task_index = task_index
         self.perm = perm  # per layer [K]: the stored node matched with each current node
@@ -227,9 +227,7 @@ class DAGR(DIKI):
         n_txt = len(self._txt_blocks)
         with _block_outputs(self._txt_blocks) as stream:
             head = self.text_head(task, s, 1.0, cache=False)
-        tmpls = list(task.templates) if self.ctx.templates == "all" else list(task.templates[:1])
-        tmpls = tmpls or ["{}"]
-        tokens = self._tokens[(task.name, tuple(task.classnames), tuple(tmpls))]  # text_head's own
+        tmpls, tokens = self.class_prompts(task)  # the ones text_head encoded (cached)
         depths = sorted({min(layer, n_txt - 1) for layer in range(self.layers)})
         pooled = {d: self._project_text(stream[d], tokens).float() for d in depths}
         C = len(task.classnames)
@@ -302,13 +300,13 @@ class DAGR(DIKI):
         re-indexed onto them by prototype matching, and the old-node masks."""
         cfg = self.config
         prev = self.graphs[task_index - 1]
-        perm, old = dg.match_nodes(start, prev, cfg.tau, cfg.min_mass)
+        perm, old, cos = dg.match_nodes(start, prev, cfg.tau, cfg.min_mass)
         centroids = torch.stack([layer.centroids.float() for layer in start.layers])
         target = _Target(task_index, centroids, prev.aligned(perm).to(centroids.device, torch.float32), old, perm)
         counts = [int(o.sum()) for o in old]
-        cos = [round(float(c.median()), 3) for c in dg.match_cosines(start, prev)]
+        medians = [round(float(c.median()), 3) for c in cos]
         log.info("dagr: task %d (%s): old nodes per layer %s of %d (tau %.2f; median matched cosine %s)",
-                 task_index, name, counts, cfg.num_nodes, cfg.tau, cos)  # fmt: skip
+                 task_index, name, counts, cfg.num_nodes, cfg.tau, medians)  # fmt: skip
         if not any(counts):
             log.warning("dagr: task %d: no node matched task %d's (tau %.2f): the graph terms are 0 for this "
                         "task; lower tau to regularise", task_index, task_index - 1, cfg.tau)  # fmt: skip

@@ -165,20 +165,31 @@ class DIKI(Method):
                 return i
         raise KeyError(f"task {task.name!r} is not part of this run")
 
-    def text_head(self, task, s: int, w: float, cache: bool = True) -> torch.Tensor:
-        """Class embeddings of ``task`` through the text tower with prompt set ``s`` at
-        weight ``w``: [C, D], L2-normalised (template ensembling as the backbone's heads)."""
+    def _templates(self, task) -> list[str]:
+        """``task``'s templates: all or the first, as ``ctx.templates`` says."""
         tmpls = list(task.templates) if self.ctx.templates == "all" else list(task.templates[:1])
-        tmpls = tmpls or ["{}"]
+        return tmpls or ["{}"]
+
+    def class_prompts(self, task) -> tuple[list[str], torch.Tensor]:
+        """``task``'s templates and its class prompts tokenised, class-major
+        ``[C x T, context]`` (cached per task)."""
+        tmpls = self._templates(task)
         tkey = (task.name, tuple(task.classnames), tuple(tmpls))
-        ps = self.prompted.prompts[s]
-        hkey = (tkey, s, float(w), tuple(p._version for p in ps.parameters()))
-        if cache and hkey in self._heads:
-            return self._heads[hkey]
         tokens = self._tokens.get(tkey)
         if tokens is None or tokens.device != self.backbone.device:
             tokens = self.backbone.tokenize([t.format(c) for c in task.classnames for t in tmpls])
             self._tokens[tkey] = tokens
+        return tmpls, tokens
+
+    def text_head(self, task, s: int, w: float, cache: bool = True) -> torch.Tensor:
+        """Class embeddings of ``task`` through the text tower with prompt set ``s`` at
+        weight ``w``: [C, D], L2-normalised (template ensembling as the backbone's heads)."""
+        tmpls = self._templates(task)
+        ps = self.prompted.prompts[s]
+        hkey = ((task.name, tuple(task.classnames), tuple(tmpls)), s, float(w), tuple(p._version for p in ps.parameters()))
+        if cache and hkey in self._heads:
+            return self._heads[hkey]
+        _, tokens = self.class_prompts(task)
         emb = self.prompted.encode_text(tokens, sets=s, weight=w, normalize=True).float()
         head = F.normalize(emb.view(len(task.classnames), len(tmpls), -1).mean(1), dim=-1)
         if cache:

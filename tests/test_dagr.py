@@ -143,7 +143,7 @@ def test_new_class_nodes_contribute_nothing(setup):
     saved = m._target
 
     def terms_with(stored: dg.TaskGraph, old: list[torch.Tensor]) -> dict[str, float]:
-        m._target = type(saved)(1, saved.centroids, stored, old)
+        m._target = type(saved)(1, saved.centroids, stored, old, saved.perm)
         with _Perturbed(m, "image_values", 0, 1.0), torch.no_grad():
             return {k: float(v) for k, v in _terms(m, images, prep).items()}
 

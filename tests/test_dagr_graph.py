@@ -399,8 +399,9 @@ def test_match_recovers_permuted_nodes_and_the_aligned_graph_compares_equal():
     order = torch.randperm(K, generator=torch.Generator().manual_seed(4))
     permuted = [c[order] for c in centroids]
     current = dg.build_graph([(tokens, attn, text)], permuted, cfg)
-    perm, old = dg.match_nodes(current, stored, tau=0.8)
+    perm, old, cos = dg.match_nodes(current, stored, tau=0.8)
     assert all(torch.equal(p, order) for p in perm) and all(o.all() for o in old)
+    assert all((c > 0.99).all() for c in cos)  # the same clusters: matched prototypes agree
     aligned = stored.aligned(perm)
     for a, b in zip(aligned.layers, current.layers):
         torch.testing.assert_close(a.edges, b.edges, rtol=0, atol=1e-6)
@@ -425,7 +426,7 @@ def test_match_marks_nodes_without_a_stored_counterpart_new():
     for t in moved:
         t[:, label == NEW[0]] = 3.0 * torch.nn.functional.normalize(fresh_dir, dim=0)
     current = stored_graph(moved, attn, cfg)  # its own nodes, fitted on its own tokens
-    perm, old = dg.match_nodes(current, stored, tau=0.8, min_mass=1e-4)
+    perm, old, _ = dg.match_nodes(current, stored, tau=0.8, min_mass=1e-4)
     for layer in range(L):
         new_node = node_of(current, layer, torch.nn.functional.normalize(fresh_dir, dim=0))
         assert not old[layer][new_node]
